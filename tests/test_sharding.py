@@ -1,0 +1,24 @@
+"""Same numbers on 1 and 4 (simulated) devices: scoring and a train step."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_one_vs_four_devices():
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+             JAX_PLATFORMS="cpu")
+  out = subprocess.run([sys.executable, str(REPO / "tests" /
+                                            "sharding_check.py")],
+                       env=env, capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  diffs = json.loads(out.stdout.strip().splitlines()[-1])
+  # Only the order of float reductions may differ between layouts.
+  assert diffs["scores_k0"] < 1e-5, diffs
+  assert diffs["scores_k2"] < 1e-5, diffs
+  assert diffs["loss"] < 1e-5, diffs
+  assert diffs["grads"] < 1e-5, diffs

@@ -1,0 +1,122 @@
+"""FeatureStore format: round trip and clear errors for bad input."""
+
+import json
+
+import numpy as np
+import pytest
+
+from spider_jax.data.store import (FeatureStore, PTMInfo, StoreError,
+                                   StoreWriter, read_ground_truth)
+
+PTMS = [PTMInfo("a", 4, 3), PTMInfo("b", 6, 0)]
+
+
+def make_pool(n=12, c=3, seed=0):
+  rng = np.random.default_rng(seed)
+  labels = np.arange(n) % c
+  return dict(labels=labels, generic=rng.normal(size=(n, 5)),
+              features={"a": rng.normal(size=(n, 4)),
+                        "b": rng.normal(size=(n, 6))})
+
+
+def write(path, **pool_overrides):
+  w = StoreWriter(path, encoder_name="enc", encoder_dim=5, ptms=PTMS)
+  pool = make_pool()
+  pool.update(pool_overrides)
+  w.add_pool("p", **pool)
+  w.add_task("t", pool="p", split=np.zeros(12, np.int8), role="target")
+  w.set_ground_truth({"t": {"a": 80.0, "b": 70.5}})
+  return w.close()
+
+
+def test_round_trip(tmp_path):
+  store = write(tmp_path / "s")
+  assert store.ptm_names == ("a", "b") and store.ptm_dims == (4, 6)
+  task = store.task("t")
+  assert task.generic.shape == (12, 5) and task.num_classes == 3
+  assert task.ptm_features("b").shape == (12, 6)
+  np.testing.assert_allclose(store.ground_truth().row("t"), [80.0, 70.5])
+  # A task over a subset of pool rows, non-contiguous labels remapped.
+  w = StoreWriter(tmp_path / "s", encoder_name="enc", encoder_dim=5,
+                  ptms=PTMS)
+  assert w.has_pool("p")
+  w.add_task("sub", pool="p", indices=np.array([1, 2, 4, 5, 7]),
+             split=np.zeros(5, np.int8), role="train")
+  w.set_ground_truth({"sub": {"a": 1.0, "b": 2.0}})
+  store = w.close()
+  sub = store.task("sub")
+  assert sub.labels.tolist() == [0, 1, 0, 1, 0] and sub.num_classes == 2
+  assert store.task_names("train") == ["sub"]
+
+
+def test_nan_features_rejected(tmp_path):
+  g = make_pool()["generic"]
+  g[3, 1] = np.nan
+  with pytest.raises(StoreError, match="NaN/Inf"):
+    write(tmp_path / "s", generic=g)
+
+
+def test_wrong_dims_rejected(tmp_path):
+  f = make_pool()["features"]
+  f["a"] = np.ones((12, 7))
+  with pytest.raises(StoreError, match="expected 4-d features"):
+    write(tmp_path / "s", features=f)
+  store = write(tmp_path / "ok")
+  meta = json.loads((store.path / "meta.json").read_text())
+  meta["encoder"]["dim"] = 9
+  (store.path / "meta.json").write_text(json.dumps(meta))
+  with pytest.raises(StoreError, match="generic features are 5-d"):
+    FeatureStore(store.path).task("t")
+
+
+def test_bad_labels_rejected(tmp_path):
+  w = StoreWriter(tmp_path / "s", encoder_name="enc", encoder_dim=5,
+                  ptms=PTMS)
+  w.add_pool("single", **dict(make_pool(), labels=np.zeros(12, int)))
+  with pytest.raises(StoreError, match="at least 2 classes"):
+    w.add_task("t", pool="single", split=np.zeros(12, np.int8), role="train")
+  w.add_pool("p", **make_pool())
+  split = np.zeros(12, np.int8)
+  split[make_pool()["labels"] == 2] = 2  # Class 2 has no training rows.
+  with pytest.raises(StoreError, match=r"class\(es\) \[2\] have no samples"):
+    w.add_task("t", pool="p", split=split, role="train")
+  with pytest.raises(StoreError, match="role must be one of"):
+    w.add_task("t", pool="p", split=np.zeros(12, np.int8), role="test")
+
+
+def test_incomplete_store_and_missing_ground_truth(tmp_path):
+  with pytest.raises(StoreError, match="no meta.json"):
+    FeatureStore(tmp_path)
+  w = StoreWriter(tmp_path / "s", encoder_name="enc", encoder_dim=5,
+                  ptms=PTMS)
+  w.add_pool("p", **make_pool())
+  w.add_task("t", pool="p", split=np.zeros(12, np.int8), role="target")
+  w.set_ground_truth({"t": {"a": 1.0}})
+  with pytest.raises(StoreError, match=r"ground truth missing for task t: "
+                     r"PTMs \['b'\]"):
+    w.close()
+  assert not (tmp_path / "s" / "meta.json").exists()  # Nothing half-done.
+
+
+def test_ground_truth_table_errors(tmp_path):
+  p = tmp_path / "gt.csv"
+  p.write_text("model,t1,t2\na,1.0,2.0\nb,3.0,\n")
+  gt = read_ground_truth(p)
+  with pytest.raises(StoreError, match="no row for PTM"):
+    gt.row("t1", ["a", "c"])
+  with pytest.raises(StoreError, match="no column for task 't3'"):
+    gt.row("t3")
+  with pytest.raises(StoreError, match="not finite for \\['b'\\]"):
+    gt.row("t2")
+  p.write_text("dataset,t1\n")
+  with pytest.raises(StoreError, match="expected a header"):
+    read_ground_truth(p)
+
+
+def test_reads_the_official_reference_table():
+  import pathlib
+  ref = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / \
+      "reference" / "zoo10_finetune_accuracy.csv"
+  gt = read_ground_truth(ref)
+  assert len(gt.models) == 10 and "SUN397" in gt.tasks
+  assert gt.row("Aircraft")[gt.models.index("inception_v3")] == 88.8

@@ -1,0 +1,157 @@
+"""End to end on the synthetic store: train, preempt, resume, rank, reload."""
+
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from spider_jax import checkpoint, rank as rank_lib
+from spider_jax.data.synthetic import SyntheticSpec, write_synthetic_store
+from spider_jax.ranker import Ranker, model_from_meta
+from spider_jax.scoring import Scorer, ZooInfo, score_tasks
+from spider_jax.train import train
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def latest_params(workdir):
+  path = pathlib.Path(workdir) / "checkpoints"
+  with checkpoint.manager(path) as mngr:
+    step = mngr.latest_step()
+  _, meta = checkpoint.read_meta(path, step)
+  _, abstract = nnx.split(nnx.eval_shape(lambda: model_from_meta(meta)))
+  return step, checkpoint.restore_params(path, abstract, step)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, tiny_config):
+  """Trains tiny twice: once preempted + resumed, once straight through."""
+  root = tmp_path_factory.mktemp("runs")
+  cfg = tiny_config
+  store = root / "store"
+  write_synthetic_store(store, SyntheticSpec(
+      seed=cfg.synthetic.seed, num_train=cfg.synthetic.num_train))
+  cfg.store = str(store)
+  interrupted, straight = root / "interrupted", root / "straight"
+  with cfg.unlocked():
+    cfg.stop_after_steps = 100  # Not an epoch boundary: loses some steps.
+  first = train(cfg, interrupted)
+  with cfg.unlocked():
+    cfg.stop_after_steps = -1
+  resumed = train(cfg, interrupted)
+  train(cfg, straight)
+  return cfg, interrupted, straight, first, resumed
+
+
+def test_preempted_run_resumes_to_the_same_parameters(run):
+  cfg, interrupted, straight, first, resumed = run
+  assert first["steps"] == 100 and resumed["steps"] == resumed["total_steps"]
+  step_a, a = latest_params(interrupted)
+  step_b, b = latest_params(straight)
+  assert step_a == step_b == resumed["total_steps"]
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  lines = (interrupted / "metrics.jsonl").read_text().splitlines()
+  assert any('"val_weighted_tau"' in line for line in lines)
+
+
+def test_ranker_learns_the_planted_ranking(run):
+  cfg, interrupted, *_ = run
+  report = rank_lib.rank(cfg, interrupted)
+  spider = report["mean"][f"spider(k={report['k']})"]["weighted_tau"]
+  prior = report["mean"]["prior"]["weighted_tau"]
+  assert spider > 0.8, report["mean"]
+  assert prior < 0.5, report["mean"]
+  for name in ("rankings.json", "rankings.csv", "metrics.csv"):
+    assert (interrupted / "rank" / name).stat().st_size > 0
+  text = rank_lib.format_report(report)
+  assert "prior" in text and "mean regret@1" in text
+  again = rank_lib.rank(cfg, interrupted)  # Reuses the checkpoint.
+  assert again["scores"] == report["scores"]
+
+
+def test_python_api_matches_store_scoring(run):
+  cfg, interrupted, *_ = run
+  from spider_jax.data.store import FeatureStore
+  store = FeatureStore(cfg.store)
+  ranker = Ranker.load(interrupted / "checkpoints")
+  task = store.task(store.task_names("target")[0])
+  train_rows = task.mask("train")
+  feats = {n: task.ptm_features(n)[train_rows] for n in store.ptm_names}
+  asked = []
+
+  def features(name):
+    asked.append(name)
+    return feats[name]
+
+  res = ranker.rank(task.generic[train_rows], task.labels[train_rows], k=2,
+                    ptm_features=features)
+  want = score_tasks(ranker.scorer, [task], ranker.zoo, k=2)[0]
+  np.testing.assert_allclose(res.scores, want, rtol=1e-6)
+  assert len(asked) == 2 and set(asked) == set(res.order[:2]) | set(asked)
+  assert res.order[0] == store.ptm_names[int(np.argmax(res.scores))]
+  with pytest.raises(ValueError, match="at least 2 classes"):
+    ranker.rank(task.generic[:3], np.zeros(3, int))
+  with pytest.raises(ValueError, match="NaN/Inf"):
+    ranker.rank(np.full_like(task.generic, np.nan), task.labels)
+  with pytest.raises(ValueError, match="expected 32-d"):
+    ranker.rank(task.generic[:, :5], task.labels)
+
+
+def test_zoo_mismatch_and_bad_checkpoints(run, tmp_path):
+  cfg, interrupted, *_ = run
+  other = write_synthetic_store(tmp_path / "other", SyntheticSpec(
+      num_ptms=5, num_train=4, num_val=1, num_target=1))
+  c2 = cfg.copy_and_resolve_references()
+  with c2.unlocked():
+    c2.store = str(other.path)
+    c2.rank.checkpoint = str(interrupted / "checkpoints")
+  with pytest.raises(checkpoint.CheckpointError,
+                     match=r"missing from the store: \['ptm05'"):
+    rank_lib.rank(c2, tmp_path / "w")
+  with c2.unlocked():
+    c2.rank.checkpoint = str(tmp_path / "nowhere")
+  with pytest.raises(checkpoint.CheckpointError, match="does not exist"):
+    rank_lib.rank(c2, tmp_path / "w")
+  broken = tmp_path / "broken"
+  shutil.copytree(interrupted / "checkpoints", broken)
+  for f in broken.rglob("*"):
+    if f.is_file() and "params" in f.parts and f.suffix != ".json" and \
+        f.stat().st_size > 1000:
+      f.write_bytes(b"\0" * 16)
+  with pytest.raises(checkpoint.CheckpointError, match="cannot restore"):
+    Ranker.load(broken)
+  with pytest.raises(checkpoint.CheckpointError, match="no checkpoint"):
+    Ranker.load(tmp_path)
+
+
+def test_one_compile_per_bucket(small_store):
+  from spider_jax.train import build_model, zoo_of
+  from configs import train as train_config
+  cfg = train_config.get_config("tiny")
+  zoo = zoo_of(small_store)
+  graphdef, params = nnx.split(build_model(cfg, zoo, 0))
+  scorer = Scorer(graphdef, params, batch_size=4)
+  tasks = [small_store.task(n) for n in small_store.task_names()]
+  buckets = {max(8, t.num_classes) > 8 for t in tasks}
+  score_tasks(scorer, tasks, zoo, k=0)
+  assert scorer.trace_count == len(buckets)
+  score_tasks(scorer, tasks[::-1], zoo, k=0)
+  assert scorer.trace_count == len(buckets)
+  score_tasks(scorer, tasks, zoo, k=2)
+  assert scorer.trace_count == 2 * len(buckets)
+
+
+def test_unknown_config_key_is_an_error(tmp_path):
+  out = subprocess.run(
+      [sys.executable, "-m", "spider_jax.rank", "--config.no_such_key=1",
+       f"--workdir={tmp_path}"], cwd=REPO, capture_output=True, text=True,
+      timeout=120)
+  assert out.returncode != 0
+  assert "no_such_key" in out.stderr
+  assert not any(tmp_path.iterdir())  # Nothing written.
