@@ -6,7 +6,7 @@
 
 Variants:
   default  the built-in synthetic store (generated in the workdir when
-           config.store is empty; 320 training tasks), a d=128 ranker.
+           config.store is empty; 320 training tasks), a d=64 ranker.
   tiny     a smaller synthetic run for CI and tests (160 training tasks,
            d=64).
   paper    the official configuration (model_spider_official.md section 9):
@@ -25,7 +25,7 @@ def model_config(variant: str) -> ml_collections.ConfigDict:
       dim=1024, num_layers=1, num_heads=1, mlp_ratio=0, pre_norm=False,
       qkv_bias=False, dropout=0.1, ln_eps=1e-5, ptm_specific=True))
   if variant in ("default", "tiny"):
-    m.dim = 128 if variant == "default" else 64
+    m.dim = 64
   if variant == "deep":
     m.update(num_layers=2, num_heads=4, mlp_ratio=4, pre_norm=True)
   return m
@@ -56,7 +56,9 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
     c.synthetic.num_train = 320
     c.epochs = 60
     c.lr = 3e-3
-    c.k_max = 4
+    c.k_max = 2
+    c.batch_size = 8
+    c.eval_batch_size = 8
   if variant == "tiny":
     c.synthetic.num_train = 160
     c.epochs = 40

@@ -11,12 +11,16 @@ letting theta_m attend over [theta_m, U, H_m] and reading out theta_m's row:
   s_m = Dense(LayerNorm(x))
 
 Only theta_m's output row is ever read, so this module computes attention for
-that single query and never materialises the L x L matrix: U is projected once
-per task and shared by all PTMs, each pair costs O(L d + d^2). PTM tokens
-never attend to each other; pairs are independent (vmap over PTMs and tasks).
-The keys and values are linear in the tokens, so H_m is never projected to d:
-logits are h . (W_h (W_k q)) and values ((p h) W_h) W_v, which is the same
-number with Dm*d instead of Ph*Dm*d work per re-ranked pair.
+that single query and never materialises the L x L matrix. Keys and values
+are linear in the tokens, so the logits are tok . (W_k q) and the values
+(p tok) W_v W_o: U is projected (and passed through W_v, and W_o when
+M > P) once per task and shared by all PTMs, and in the first block the query
+terms are per PTM, so scoring a task is two [M, d] x [d, P] products plus
+O(M d^2) per-PTM work, batched over tasks and PTMs (no loop over the zoo;
+PTM tokens never attend to each other). H_m is never projected to d either:
+logits are h . (W_h r) and values ((p h) W_h) W_v W_o, which is Dm*d instead
+of Ph*Dm*d work per re-ranked pair; re-ranked pairs join the softmax of their
+(task, PTM) pair through a log-sum-exp merge.
 
 `full_scores` is the literal per-PTM full-attention formulation (the official
 code's), kept as the reference that tests and benchmarks compare against.
@@ -113,59 +117,101 @@ class QueryBlock(nnx.Module):
       self.b2 = nnx.Param(jnp.zeros((d,)))
       self.ln_mlp = LayerNorm(d, cfg.ln_eps)
 
-  def __call__(self, x, u, u_mask, h=None, h_mask=None, h_w=None, h_b=None,
-               rng=None):
-    """Updates the query state of one (task, PTM) pair.
+  def __call__(self, x, up, u_mask, slots=None, rng=None):
+    """Updates the query state of every (task, PTM) pair.
 
     Args:
-      x: [d] query state (PTM token at the first block).
-      u: [P, d] projected task tokens; u_mask: [P] bool.
-      h: [Ph, Dm] raw PTM-specific prototypes or None; h_mask: [Ph] bool.
-      h_w: [Dm, d], h_b: [d] that PTM's projection of h.
+      x: [M, d] query states shared by all tasks (the PTM tokens, first
+        block) or [B, M, d] per pair.
+      up: [B, P, d] projected task tokens; u_mask: [B, P] bool.
+      slots: None or the flattened re-ranking slots of the batch: "h"
+        [S, Ph, Dmax], "h_mask" [S, Ph], "b" [S] task index, "m" [S] PTM
+        index, "row" [S] task index or B for inactive slots, "h_w"
+        [M, Dmax, d], "h_b" [M, d] (S = B * K).
       rng: dropout key or None (deterministic).
 
     Returns:
-      [d] new query state.
+      [B, M, d] new query states.
     """
     cfg = self.cfg
+    b, p_len, d = up.shape
+    m = x.shape[-2]
+    heads, dh = self.wq.shape[1], self.wq.shape[2]
+    temp = math.sqrt(dh)
+    shared = x.ndim == 2  # Same query for every task: per-PTM work only.
     xn = self.ln_attn(x) if cfg.pre_norm else x
-    q = jnp.einsum("d,dhe->he", xn, self.wq[...])
+    q = jnp.einsum("...d,dhe->...he", xn, self.wq[...])
     if cfg.qkv_bias:
       q = q + self.bq[...]
-    r = jnp.einsum("dhe,he->hd", self.wk[...], q)  # k_j . q = tok_j . r
-    temp = math.sqrt(q.shape[-1])
-    # Logits: [self | U | H], per head.
-    kb = (jnp.einsum("he,he->h", self.bk[...], q) if cfg.qkv_bias
-          else jnp.zeros(q.shape[:1]))
-    l_self = (xn @ r.T + kb)[:, None]
-    l_u = jnp.where(u_mask[None, :],
-                    jnp.einsum("pd,hd->hp", u, r) + jnp.reshape(kb, (-1, 1)),
-                    NEG_INF)
-    parts = [l_self, l_u]
-    if h is not None:
-      s = jnp.einsum("Dd,hd->hD", h_w, r)               # [heads, Dm]
-      c = jnp.einsum("d,hd->h", h_b, r)[:, None]        # [heads, 1]
-      l_h = jnp.einsum("pD,hD->hp", h, s) + c + kb[:, None]
-      parts.append(jnp.where(h_mask[None, :], l_h, NEG_INF))
-    logits = jnp.concatenate(parts, axis=-1) / temp
-    p = jax.nn.softmax(logits, axis=-1)
+    # k_j . q = tok_j . r + bk . q, so logits need r = W_k q, never keys.
+    r = jnp.einsum("dhe,...he->...hd", self.wk[...], q)       # [.., M, H, d]
+    kb = (jnp.einsum("he,...he->...h", self.bk[...], q) if cfg.qkv_bias
+          else jnp.zeros(q.shape[:-1]))                      # [.., M, H]
+    l_self = jnp.broadcast_to(
+        (jnp.einsum("...hd,...d->...h", r, xn) + kb) / temp, (b, m, heads))
+    l_u = jnp.einsum("mhd,bpd->bmhp" if shared else "bmhd,bpd->bmhp", r, up)
+    l_u = jnp.where(u_mask[:, None, None, :],
+                    (l_u + kb[..., None]) / temp, NEG_INF)    # [B, M, H, P]
+    lse = jnp.logaddexp(l_self, jax.nn.logsumexp(l_u, axis=-1))
+    if slots is not None:
+      sb, sm, rows = slots["b"], slots["m"], slots["row"]
+      r_s = r[sm] if shared else r[sb, sm]                   # [S, H, d]
+      kb_s = kb[sm] if shared else kb[sb, sm]                # [S, H]
+      h_w, h_b = slots["h_w"], slots["h_b"]
+
+      def slot_logits(args):
+        h, mi, rs = args
+        s_vec = jnp.einsum("Dd,hd->hD", h_w[mi], rs)           # [H, Dmax]
+        return jnp.einsum("pD,hD->hp", h, s_vec) + (h_b[mi] @ rs.T)[:, None]
+
+      chunk = min(8, sm.shape[0])
+      l_h = jax.lax.map(slot_logits, (slots["h"], sm, r_s), batch_size=chunk)
+      l_h = jnp.where(slots["h_mask"][:, None, :],
+                      (l_h + kb_s[..., None]) / temp, NEG_INF)  # [S, H, Ph]
+      total = jnp.logaddexp(lse[sb, sm], jax.nn.logsumexp(l_h, axis=-1))
+      lse = lse.at[rows, sm].set(total, mode="drop")
+      p_h = jnp.exp(l_h - total[..., None])
+    p_self = jnp.exp(l_self - lse)                            # [B, M, H]
+    p_u = jnp.exp(l_u - lse[..., None])                       # [B, M, H, P]
     if rng is not None and cfg.dropout:
-      rng, sub = jax.random.split(rng)
-      p = _dropout(sub, p, cfg.dropout)
-    # Weighted sum of tokens in d-space, then the value projection.
-    t = p[:, :1] * xn[None, :] + jnp.einsum("hp,pd->hd", p[:, 1:1 + u.shape[0]],
-                                            u)
-    if h is not None:
-      p_h = p[:, 1 + u.shape[0]:]
-      t = t + jnp.einsum("hp,pD,Dd->hd", p_h, h, h_w) + \
-          p_h.sum(-1, keepdims=True) * h_b[None, :]
-    o = jnp.einsum("hd,dhe->he", t, self.wv[...])
+      k1, k2, k3, rng = jax.random.split(rng, 4)
+      p_self = _dropout(k1, p_self, cfg.dropout)
+      p_u = _dropout(k2, p_u, cfg.dropout)
+      if slots is not None:
+        p_h = _dropout(k3, p_h, cfg.dropout)
+    wv, wo = self.wv[...], self.wo[...]
+    # Values: tokens through W_v then W_o. Task tokens are shared by all
+    # PTMs, so fold W_o into them when that is cheaper (M > P * heads).
+    uv = jnp.einsum("bpd,dhe->bhpe", up, wv)                  # [B, H, P, e]
+    if m > p_len * heads:
+      o = jnp.einsum("bmhp,bhpd->bmd", p_u,
+                     jnp.einsum("bhpe,hed->bhpd", uv, wo))
+    else:
+      o = jnp.einsum("bmhe,hed->bmd",
+                     jnp.einsum("bmhp,bhpe->bmhe", p_u, uv), wo)
+    xvo = jnp.einsum("...he,hed->...hd",
+                     jnp.einsum("...d,dhe->...he", xn, wv), wo)  # [.., M, H, d]
+    o = o + jnp.einsum("bmh,mhd->bmd" if shared else "bmh,bmhd->bmd", p_self,
+                       xvo)
     if cfg.qkv_bias:
-      o = o + p.sum(-1)[:, None] * self.bv[...]
-    o = jnp.einsum("he,hed->d", o, self.wo[...]) + self.bo[...]
+      psum = p_self + p_u.sum(-1)
+      if slots is not None:
+        psum = psum.at[rows, sm].add(p_h.sum(-1), mode="drop")
+      o = o + jnp.einsum("bmh,hd->bmd", psum,
+                         jnp.einsum("he,hed->hd", self.bv[...], wo))
+    if slots is not None:
+      def slot_values(args):
+        h, mi, ph = args
+        t = ph @ h @ h_w[mi] + ph.sum(-1, keepdims=True) * h_b[mi]  # [H, d]
+        return jnp.einsum("he,hed->d", jnp.einsum("hd,dhe->he", t, wv), wo)
+
+      o_s = jax.lax.map(slot_values, (slots["h"], sm, p_h), batch_size=chunk)
+      o = o.at[rows, sm].add(o_s, mode="drop")
+    o = o + self.bo[...]
     if rng is not None and cfg.dropout:
       rng, sub = jax.random.split(rng)
       o = _dropout(sub, o, cfg.dropout)
+    x = jnp.broadcast_to(x, (b, m, d))
     x = x + o if cfg.pre_norm else self.ln_attn(x + o)
     if cfg.mlp_ratio:
       y = self.ln_mlp(x) if cfg.pre_norm else x
@@ -235,16 +281,7 @@ class FitnessTransformer(nnx.Module):
     """[B, P, Dg] generic prototypes -> [B, P, d] task tokens."""
     return u @ self.u_w[...] + self.u_b[...]
 
-  def pair_score(self, theta, u, u_mask, h=None, h_mask=None, h_w=None,
-                 h_b=None, rng=None):
-    """Score of one pair: theta [d], u [P, d] projected -> scalar."""
-    x = theta
-    for i, block in enumerate(self.blocks):
-      sub = None if rng is None else jax.random.fold_in(rng, i)
-      x = block(x, u, u_mask, h, h_mask, h_w, h_b, sub)
-    return (self.head_ln(x) @ self.head_w[...] + self.head_b[...])[0]
-
-  def __call__(self, u, u_mask, slots=None, *, rng=None, slot_chunk: int = 8):
+  def __call__(self, u, u_mask, slots=None, *, rng=None):
     """Scores all PTMs for a batch of tasks.
 
     Args:
@@ -253,57 +290,36 @@ class FitnessTransformer(nnx.Module):
       slots: optional re-ranking tokens, a dict with
         "h": [B, K, Ph, Dmax] PTM-specific prototypes (zero-padded features),
         "h_mask": [B, K, Ph] bool, "ptm": [B, K] int PTM index of each slot.
-        A slot whose h_mask is all False is inactive.
+        A slot whose h_mask is all False is inactive; the PTMs of a task's
+        active slots must be distinct.
       rng: dropout key; None = deterministic (eval).
-      slot_chunk: slots processed together (memory/speed trade-off).
 
     Returns:
       [B, M] float32 scores, higher = better fit.
     """
-    b, m = u.shape[0], self.num_ptms
     u, u_mask = jnp.asarray(u), jnp.asarray(u_mask)
+    b = u.shape[0]
     up = self.project_tasks(u)
-    theta = self.ptm_tokens[...]
-    if rng is not None:
-      base_rng, slot_rng = jax.random.split(rng)
-      pair_keys = jax.random.split(base_rng, b * m).reshape(b, m)
-    else:
-      pair_keys = None
-
-    def one(theta_m, up_b, mask_b, key):
-      return self.pair_score(theta_m, up_b, mask_b, rng=key)
-
-    per_ptm = jax.vmap(one, in_axes=(0, None, None,
-                                     0 if rng is not None else None))
-    scores = jax.vmap(per_ptm, in_axes=(None, 0, 0,
-                                        0 if rng is not None else None))(
-                                            theta, up, u_mask, pair_keys)
-    if slots is None:
-      return scores
-    if self.h_w is None:
-      raise ValueError("this model was built without PTM-specific "
-                       "projections (ptm_dims=None or ptm_specific=False); "
-                       "it cannot re-rank.")
-    h, h_mask, ptm = (jnp.asarray(slots[k]) for k in ("h", "h_mask", "ptm"))
-    k = h.shape[1]
-    flat_b = jnp.repeat(jnp.arange(b), k)
-    flat_ptm = ptm.reshape(-1)
-    slot_keys = (jax.random.split(slot_rng, b * k) if rng is not None
-                 else jnp.zeros((b * k,), jnp.uint32))
-    h_w, h_b = self.h_w[...], self.h_b[...]
-
-    def slot_score(args):
-      bi, mi, hs, hm, key = args
-      return self.pair_score(theta[mi], up[bi], u_mask[bi], hs, hm, h_w[mi],
-                             h_b[mi], key if rng is not None else None)
-
-    slot_scores = jax.lax.map(
-        slot_score, (flat_b, flat_ptm, h.reshape((b * k,) + h.shape[2:]),
-                     h_mask.reshape(b * k, -1), slot_keys),
-        batch_size=min(slot_chunk, b * k))
-    active = h_mask.reshape(b * k, -1).any(-1)
-    rows = jnp.where(active, flat_b, b)  # Inactive slots scatter nowhere.
-    return scores.at[rows, flat_ptm].set(slot_scores, mode="drop")
+    flat = None
+    if slots is not None:
+      if self.h_w is None:
+        raise ValueError("this model was built without PTM-specific "
+                         "projections (ptm_dims=None or ptm_specific=False); "
+                         "it cannot re-rank.")
+      h, h_mask, ptm = (jnp.asarray(slots[k]) for k in ("h", "h_mask", "ptm"))
+      k = h.shape[1]
+      sb = jnp.repeat(jnp.arange(b), k)
+      active = h_mask.reshape(b * k, -1).any(-1)
+      flat = {"h": h.reshape((b * k,) + h.shape[2:]),
+              "h_mask": h_mask.reshape(b * k, -1), "b": sb,
+              "m": ptm.reshape(-1),
+              "row": jnp.where(active, sb, b),  # Inactive: scatter nowhere.
+              "h_w": self.h_w[...], "h_b": self.h_b[...]}
+    x = self.ptm_tokens[...]                                   # [M, d]
+    for i, block in enumerate(self.blocks):
+      sub = None if rng is None else jax.random.fold_in(rng, i)
+      x = block(x, up, u_mask, flat, sub)
+    return (self.head_ln(x) @ self.head_w[...] + self.head_b[...])[..., 0]
 
   def full_scores(self, u, u_mask, slots=None):
     """Reference: the official full L x L formulation (eval mode only).

@@ -165,10 +165,13 @@ def format_report(report: dict) -> str:
 
 def main(argv):
   from absl import app, flags
+  from spider_jax import cli
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  logging.set_verbosity(logging.WARNING)
+  cli.initialize_runtime()
   report = rank(flags.FLAGS.config, flags.FLAGS.workdir)
+  if jax.process_index() != 0:
+    return
   print(format_report(report))
   out = pathlib.Path(flags.FLAGS.workdir) / "rank"
   print(f"\nre-ranking depth k={report['k']} (chosen on validation tasks); "
@@ -177,12 +180,8 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  from absl import app, flags
-  from ml_collections import config_flags
-  _DEFAULT = str(pathlib.Path(__file__).resolve().parents[1] / "configs" /
-                 "rank.py")
-  config_flags.DEFINE_config_file("config", _DEFAULT, "Ranking config.",
-                                  lock_config=True)
-  flags.DEFINE_string("workdir", "runs/default", "Run directory.")
+  from absl import app
+  from spider_jax import cli
+  cli.define_flags("rank.py")
   jax.config.config_with_absl()
   app.run(main)

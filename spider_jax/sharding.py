@@ -36,7 +36,28 @@ def pad_to_multiple(n: int, multiple: int) -> int:
 def put_batch(batch: dict, mesh: Mesh) -> dict:
   """Places a dict of host arrays on the mesh, split along axis 0.
 
-  Every array's leading axis must be divisible by the mesh size.
+  Every process holds the same global batch (batches are a function of the
+  step) and contributes the rows of its own devices, so this works on one
+  host and on many. Leading axes must be divisible by the mesh size.
   """
   sh = batch_sharded(mesh)
-  return {k: jax.device_put(np.asarray(v), sh) for k, v in batch.items()}
+  out = {}
+  for k, v in batch.items():
+    v = np.asarray(v)
+    out[k] = jax.make_array_from_callback(v.shape, sh, lambda idx, v=v: v[idx])
+  return out
+
+
+def any_process(flag: bool) -> bool:
+  """True on every process if `flag` is True on any (a collective)."""
+  if jax.process_count() == 1:
+    return bool(flag)
+  from jax.experimental import multihost_utils
+  return bool(np.any(multihost_utils.process_allgather(np.array([flag]))))
+
+
+def barrier(name: str) -> None:
+  """Waits until every process reaches this point (no-op on one process)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)

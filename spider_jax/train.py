@@ -15,6 +15,7 @@ import functools
 import json
 import pathlib
 import time
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -40,12 +41,13 @@ def open_or_build_store(config: ml_collections.ConfigDict,
   if config.store:
     return FeatureStore(config.store)
   path = workdir / "store"
-  if (path / "meta.json").exists():
-    return FeatureStore(path)
-  spec = SyntheticSpec(seed=config.synthetic.seed,
-                       num_train=config.synthetic.num_train)
-  logging.info("Writing the synthetic store to %s", path)
-  return write_synthetic_store(path, spec)
+  if not (path / "meta.json").exists() and jax.process_index() == 0:
+    spec = SyntheticSpec(seed=config.synthetic.seed,
+                         num_train=config.synthetic.num_train)
+    logging.info("Writing the synthetic store to %s", path)
+    write_synthetic_store(path, spec)
+  sharding.barrier("synthetic_store")  # Others wait for process 0's store.
+  return FeatureStore(path)
 
 
 def zoo_of(store: FeatureStore) -> ZooInfo:
@@ -87,7 +89,7 @@ def make_train_step(graphdef, tx, mesh):
     updates, opt = tx.update(grads, train_state["opt"], params)
     params = optax.apply_updates(params, updates)
     return params, {"opt": opt, "step": train_state["step"] + 1}, {
-        "loss": loss, "grad_norm": optax.global_norm(grads)}
+        "loss": loss, "grad_norm": optax.tree.norm(grads)}
 
   return train_step
 
@@ -133,11 +135,15 @@ def checkpoint_meta(config, store: FeatureStore, prior: np.ndarray,
   }
 
 
-def train(config: ml_collections.ConfigDict, workdir) -> dict:
+def train(config: ml_collections.ConfigDict, workdir,
+          should_stop: Callable[[], bool] | None = None) -> dict:
   """Trains (or resumes) the ranker in `workdir`; returns a summary dict.
 
   Writes WORKDIR/checkpoints (orbax), WORKDIR/metrics.jsonl and
-  WORKDIR/config.json. Only process 0 writes logs.
+  WORKDIR/config.json. Only process 0 writes logs; every process takes part
+  in checkpointing. When `should_stop()` turns True on any process (e.g. a
+  SIGTERM preemption notice), all processes save a checkpoint at the current
+  step and return with summary["preempted"] = True.
   """
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
@@ -191,7 +197,14 @@ def train(config: ml_collections.ConfigDict, workdir) -> dict:
         total, config.stop_after_steps)
     bar = tqdm(range(start, stop), initial=start, total=total,
                desc="train", disable=not is_main, leave=False)
+    preempted = False
     for step in bar:
+      if should_stop is not None and sharding.any_process(should_stop()):
+        if mngr.latest_step() != step:
+          checkpoint.save(mngr, step, params, train_state,
+                          checkpoint_meta(config, store, prior, val), None)
+        preempted = True
+        break
       batch = sharding.put_batch(sampler.batch(step), mesh)
       params, train_state, m = step_fn(params, train_state, batch, key)
       if (step + 1) % spe == 0 or step + 1 == total:
@@ -219,25 +232,24 @@ def train(config: ml_collections.ConfigDict, workdir) -> dict:
       log.close()
     final_step = int(train_state["step"])
   return {"workdir": str(workdir), "steps": final_step, "total_steps": total,
-          "val": val, "store": str(store.path)}
+          "val": val, "store": str(store.path), "preempted": preempted}
 
 
 def main(argv):
-  from absl import flags
-  logging.set_verbosity(logging.WARNING)  # orbax logs every file at INFO.
+  from absl import app, flags
+  from spider_jax import cli
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  summary = train(flags.FLAGS.config, flags.FLAGS.workdir)
-  print(json.dumps(summary, indent=1))
+  cli.initialize_runtime()
+  stop = cli.stop_event_on_sigterm()
+  summary = train(flags.FLAGS.config, flags.FLAGS.workdir, stop.is_set)
+  if jax.process_index() == 0:
+    print(json.dumps(summary, indent=1))
 
 
 if __name__ == "__main__":
-  from absl import app, flags
-  from ml_collections import config_flags
-  _DEFAULT = str(pathlib.Path(__file__).resolve().parents[1] / "configs" /
-                 "train.py")
-  config_flags.DEFINE_config_file("config", _DEFAULT, "Training config.",
-                                  lock_config=True)
-  flags.DEFINE_string("workdir", "runs/default", "Run directory.")
+  from absl import app
+  from spider_jax import cli
+  cli.define_flags("train.py")
   jax.config.config_with_absl()
   app.run(main)

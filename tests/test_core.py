@@ -88,6 +88,22 @@ def test_efficient_equals_full_formulation(name):
                              net.full_scores(u, u_mask, slots), atol=2e-5)
 
 
+@pytest.mark.parametrize("name", ["paper", "heads_ffn_bias"])
+def test_large_zoo_path_equals_full_formulation(name):
+  """M > P * heads folds W_o into the task tokens: same numbers."""
+  m = 40
+  dims = [DIMS[i % len(DIMS)] for i in range(m)]
+  net = FitnessTransformer(m, 12, dims, CONFIGS[name], rngs=nnx.Rngs(1))
+  u, u_mask, slots = make_inputs()
+  slots["ptm"] = np.array([[10, 33], [1, 25], [39, 0]])
+  slots["h"] *= (np.arange(max(DIMS))[None, None, None] <
+                 np.array(dims)[slots["ptm"]][..., None, None])
+  np.testing.assert_allclose(net(u, u_mask), net.full_scores(u, u_mask),
+                             atol=2e-5)
+  np.testing.assert_allclose(net(u, u_mask, slots),
+                             net.full_scores(u, u_mask, slots), atol=2e-5)
+
+
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_permuting_zoo_permutes_scores(name):
   net = model(CONFIGS[name])
