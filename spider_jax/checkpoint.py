@@ -14,6 +14,7 @@ from __future__ import annotations
 import pathlib
 from typing import Any, Sequence
 
+import jax
 import orbax.checkpoint as ocp
 
 META_VERSION = 1
@@ -103,8 +104,23 @@ def read_meta(directory, step: int | None = None) -> tuple[int, dict]:
   return step, meta
 
 
-def restore_params(directory, abstract_params, step: int):
-  """Restores only the model parameters of `step`."""
+def restore_params(directory, abstract_params, step: int, sharding=None):
+  """Restores only the model parameters of `step`, on any topology.
+
+  Args:
+    directory: the checkpoint directory.
+    abstract_params: a tree of shapes/dtypes (e.g. from nnx.eval_shape).
+    step: which step.
+    sharding: where to put the arrays; default: replicated over all devices
+      of this process's mesh (a checkpoint written on a pod restores on a
+      laptop and vice versa).
+  """
+  if sharding is None:
+    from spider_jax import sharding as sharding_lib
+    sharding = sharding_lib.replicated(sharding_lib.data_mesh())
+  abstract_params = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+      abstract_params)
   with manager(directory) as mngr:
     try:
       r = mngr.restore(step, args=ocp.args.Composite(

@@ -159,13 +159,22 @@ class QueryBlock(nnx.Module):
       kb_s = kb[sm] if shared else kb[sb, sm]                # [S, H]
       h_w, h_b = slots["h_w"], slots["h_b"]
 
-      def slot_logits(args):
-        h, mi, rs = args
-        s_vec = jnp.einsum("Dd,hd->hD", h_w[mi], rs)           # [H, Dmax]
-        return jnp.einsum("pD,hD->hp", h, s_vec) + (h_b[mi] @ rs.T)[:, None]
+      n_slots = sm.shape[0]
+      # Few (task, PTM) pairs (training zoos): dense per-pair products beat
+      # gathering a [Dmax, d] matrix per slot. Large zoos: gather per slot.
+      dense = b * m <= 4 * n_slots
+      chunk = min(8, n_slots)
+      if shared:  # r depends on the PTM only: s = W_h r once per PTM.
+        s_vec = jnp.einsum("mDd,mhd->mhD", h_w, r)[sm]          # [S, H, Dmax]
+        c_vec = jnp.einsum("md,mhd->mh", h_b, r)[sm]             # [S, H]
+        l_h = jnp.einsum("spD,shD->shp", slots["h"], s_vec) + c_vec[..., None]
+      else:
+        def slot_logits(args):
+          h, mi, rs = args
+          s_vec = jnp.einsum("Dd,hd->hD", h_w[mi], rs)           # [H, Dmax]
+          return jnp.einsum("pD,hD->hp", h, s_vec) + (h_b[mi] @ rs.T)[:, None]
 
-      chunk = min(8, sm.shape[0])
-      l_h = jax.lax.map(slot_logits, (slots["h"], sm, r_s), batch_size=chunk)
+        l_h = jax.lax.map(slot_logits, (slots["h"], sm, r_s), batch_size=chunk)
       l_h = jnp.where(slots["h_mask"][:, None, :],
                       (l_h + kb_s[..., None]) / temp, NEG_INF)  # [S, H, Ph]
       total = jnp.logaddexp(lse[sb, sm], jax.nn.logsumexp(l_h, axis=-1))
@@ -200,13 +209,26 @@ class QueryBlock(nnx.Module):
       o = o + jnp.einsum("bmh,hd->bmd", psum,
                          jnp.einsum("he,hed->hd", self.bv[...], wo))
     if slots is not None:
-      def slot_values(args):
-        h, mi, ph = args
-        t = ph @ h @ h_w[mi] + ph.sum(-1, keepdims=True) * h_b[mi]  # [H, d]
-        return jnp.einsum("he,hed->d", jnp.einsum("hd,dhe->he", t, wv), wo)
+      t = jnp.einsum("shp,spD->shD", p_h, slots["h"])           # [S, H, Dmax]
+      t_b = p_h.sum(-1)                                          # [S, H]
+      if dense:  # Scatter to [B, M] pairs, then one product with all W_h.
+        t_all = jnp.zeros((b, m) + t.shape[1:], t.dtype).at[rows, sm].set(
+            t, mode="drop")
+        tb_all = jnp.zeros((b, m, heads), t.dtype).at[rows, sm].set(
+            t_b, mode="drop")
+        th = jnp.einsum("bmhD,mDd->bmhd", t_all, h_w) + \
+            tb_all[..., None] * h_b[None, :, None, :]
+        o = o + jnp.einsum("bmhe,hed->bmd",
+                           jnp.einsum("bmhd,dhe->bmhe", th, wv), wo)
+      else:
+        def slot_values(args):
+          ts, tbs, mi = args
+          th = ts @ h_w[mi] + tbs[:, None] * h_b[mi]                # [H, d]
+          return jnp.einsum("he,hed->d", jnp.einsum("hd,dhe->he", th, wv),
+                            wo)
 
-      o_s = jax.lax.map(slot_values, (slots["h"], sm, p_h), batch_size=chunk)
-      o = o.at[rows, sm].add(o_s, mode="drop")
+        o_s = jax.lax.map(slot_values, (t, t_b, sm), batch_size=chunk)
+        o = o.at[rows, sm].add(o_s, mode="drop")
     o = o + self.bo[...]
     if rng is not None and cfg.dropout:
       rng, sub = jax.random.split(rng)

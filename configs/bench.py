@@ -1,0 +1,124 @@
+r"""Offline benchmark config: zoo, pools, tasks, extraction and ground truth.
+
+  python -m spider_jax.groundtruth --config=configs/bench.py:full
+  python -m spider_jax.groundtruth --config=configs/bench.py:tiny \
+      --config.results_dir=/tmp/bench_tiny
+
+Variants:
+  tiny  CI: pools at scale 0.03, 2 local PTMs (mlp@fashion_0_4,
+        cnn_s@font_latin_upper) + EfficientNet-Lite0 at 32 px (also the
+        generic encoder), 3 targets, 20 training + 4 validation tasks;
+        fine-tunes the local PTMs only (Lite0 target cells use the linear
+        probe, recorded as such). Builds in about a minute on 2 cores.
+  full  4 local archs (cnn_s, cnn_w, resnet_s, mlp) x 4 pretraining sources
+        (Fashion-MNIST 0-4, Animal-MNIST source classes, font Latin upper,
+        font Cyrillic upper) = 16 local PTMs + EfficientNet-Lite0/1/2 (64 px)
+        + Open-NSFW (feature-only) = 20 PTMs; the 10 target pools; 400
+        training tasks from 9 ranker pools and 60 validation tasks from 2
+        pools kept aside (font_tamil_ranker, animal_src_ranker).
+
+The cache dir is `$SPIDER_JAX_CACHE` (default ~/.cache/spider_jax); trained
+zoo checkpoints go to `<cache>/zoo/`, FeatureStores to `<cache>/stores/`.
+"""
+
+import os
+
+import ml_collections
+
+TARGETS_FULL = (
+    "font_digits_target", "font_greek_upper_target", "font_armenian_target",
+    "font_georgian_target", "font_hebrew_target", "font_math_arrows_target",
+    "mnist5k", "sklearn_digits", "fashion_5_9", "animal_heldout")
+TRAIN_POOLS_FULL = (
+    "font_latin_upper_ranker", "font_latin_lower_ranker",
+    "font_cyrillic_lower_ranker", "font_greek_lower_ranker",
+    "font_arabic_ranker", "font_thai_ranker", "font_devanagari_ranker",
+    "font_bengali_ranker", "fashion_0_4_ranker")
+VAL_POOLS_FULL = ("font_tamil_ranker", "animal_src_ranker")
+SOURCES_FULL = ("fashion_0_4_pretrain", "animal_src_pretrain",
+                "font_latin_upper_pretrain", "font_cyrillic_upper_pretrain")
+
+
+def get_config(variant: str = "full") -> ml_collections.ConfigDict:
+  """Returns the benchmark config of `variant` ("tiny" or "full")."""
+  if variant not in ("tiny", "full"):
+    raise ValueError(f"unknown variant {variant!r}; use tiny or full.")
+  c = ml_collections.ConfigDict()
+  c.variant = variant
+  c.seed = 0                       # pools (font rendering, rows) and tasks
+  c.cache_dir = os.environ.get("SPIDER_JAX_CACHE",
+                               os.path.expanduser("~/.cache/spider_jax"))
+  c.results_dir = os.path.join("results", "bench", variant)
+  c.scale = 1.0 if variant == "full" else 0.03
+
+  # --- Pools.
+  c.pools = ml_collections.ConfigDict()
+  if variant == "full":
+    c.pools.targets = TARGETS_FULL
+    c.pools.train = TRAIN_POOLS_FULL
+    c.pools.val = VAL_POOLS_FULL
+  else:
+    c.pools.targets = ("font_digits_target", "mnist5k", "fashion_5_9")
+    c.pools.train = ("font_latin_lower_ranker", "fashion_0_4_ranker",
+                     "animal_src_ranker")
+    c.pools.val = ("font_greek_lower_ranker",)
+
+  # --- Zoo.
+  c.zoo = ml_collections.ConfigDict()
+  if variant == "full":
+    c.zoo.local = [f"{a}@{s}" for s in SOURCES_FULL
+                   for a in ("cnn_s", "cnn_w", "resnet_s", "mlp")]
+    c.zoo.efficientnet = ("lite0", "lite1", "lite2")
+    c.zoo.open_nsfw = True
+    c.zoo.image_size = 64           # EfficientNet input side
+    c.zoo.epochs = 5
+  else:
+    c.zoo.local = ["mlp@fashion_0_4_pretrain", "cnn_s@font_latin_upper_pretrain"]
+    c.zoo.efficientnet = ("lite0",)
+    c.zoo.open_nsfw = False
+    c.zoo.image_size = 32
+    c.zoo.epochs = 3
+  c.zoo.batch_size = 128
+  c.zoo.lr = 3e-3
+  c.zoo.weight_decay = 1e-4
+  c.zoo.warmup_steps = 20
+  c.zoo.seed = 0
+  c.generic_encoder = "efficientnet_lite0"
+
+  # --- Tasks.
+  c.tasks = ml_collections.ConfigDict()
+  c.tasks.num_train = 400 if variant == "full" else 20
+  c.tasks.num_val = 60 if variant == "full" else 4
+  c.tasks.seed = 0
+  c.tasks.min_classes = 2
+  c.tasks.max_classes = 20
+  c.tasks.min_per_class = 10
+  c.tasks.max_per_class = 60
+
+  # --- Extraction.
+  c.extract = ml_collections.ConfigDict()
+  c.extract.batch_size = 128
+  c.extract.onnx_batch_size = 32
+
+  # --- Linear probe (ground truth of train/val tasks; second target table).
+  c.probe = ml_collections.ConfigDict()
+  c.probe.l2_grid = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+  c.probe.steps = 300
+  c.probe.lr = 0.01
+  c.probe.tasks_per_batch = 16      # tasks vmapped together (padded)
+
+  # --- Fine-tuning (ground truth of targets).
+  c.finetune = ml_collections.ConfigDict()
+  c.finetune.seed = 0
+  c.finetune.batch_size = 64 if variant == "full" else 16
+  c.finetune.local_lrs = (3e-3, 1e-3)
+  c.finetune.local_epochs = 5 if variant == "full" else 4
+  c.finetune.local_max_train = 0     # 0: the whole train split
+  c.finetune.big_lrs = (1e-3, 3e-4)  # EfficientNet-Lite
+  c.finetune.big_epochs = 3
+  c.finetune.big_max_train = 450     # stratified subset of the train split
+  # PTMs whose target cells use the linear probe instead of fine-tuning
+  # (besides the feature-only ones, which cannot be fine-tuned).
+  c.finetune.skip = () if variant == "full" else ("efficientnet_lite0",)
+  c.finetune.enabled = True
+  return c

@@ -1,0 +1,161 @@
+"""Preemption and multi-process runs of the real entry points (subprocesses).
+
+* SIGKILL mid-run, restart: final parameters equal an uninterrupted run's.
+* SIGTERM: the trainer checkpoints at the signal's step and exits 0.
+* 20 training steps on 2 processes x 2 CPU devices (jax.distributed on
+  localhost), 1 process x 4 devices and 1 device give the same scores to
+  1e-5 (up to the score shift the loss ignores) and the same rankings.
+"""
+
+import json
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from spider_jax import checkpoint
+from spider_jax.ranker import model_from_meta
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+EPOCHS = 5  # tiny: 20 steps per epoch -> 100 steps.
+
+
+def train_cmd(workdir, store, *extra):
+  return [sys.executable, "-m", "spider_jax.train",
+          "--config=configs/train.py:tiny", f"--config.store={store}",
+          f"--config.epochs={EPOCHS}", f"--workdir={workdir}", *extra]
+
+
+def env(devices=1):
+  return dict(os.environ, JAX_PLATFORMS="cpu",
+              XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+
+
+def params_of(workdir):
+  path = pathlib.Path(workdir) / "checkpoints"
+  with checkpoint.manager(path) as mngr:
+    step = mngr.latest_step()
+  _, meta = checkpoint.read_meta(path, step)
+  _, abstract = nnx.split(nnx.eval_shape(lambda: model_from_meta(meta)))
+  leaves = jax.tree.leaves(checkpoint.restore_params(path, abstract, step))
+  return step, [np.asarray(x) for x in leaves]
+
+
+def wait_for_epochs(workdir, n, proc, timeout=600):
+  """Waits until `n` epochs are checkpointed (their val line is logged)."""
+  log = pathlib.Path(workdir) / "metrics.jsonl"
+  t0 = time.time()
+  while time.time() - t0 < timeout:
+    if proc.poll() is not None:
+      raise AssertionError(f"trainer exited early: {proc.stderr.read()}")
+    if log.exists() and log.read_text().count("val_weighted_tau") >= n:
+      return
+    time.sleep(0.2)
+  raise AssertionError("timed out waiting for a checkpoint")
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+  from spider_jax.data.synthetic import SyntheticSpec, write_synthetic_store
+  path = tmp_path_factory.mktemp("mh") / "store"
+  write_synthetic_store(path, SyntheticSpec(num_train=160))
+  return path
+
+
+@pytest.fixture(scope="module")
+def reference(store, tmp_path_factory):
+  """An uninterrupted run on 1 device."""
+  wd = tmp_path_factory.mktemp("ref")
+  subprocess.run(train_cmd(wd, store), cwd=REPO, env=env(), check=True,
+                 capture_output=True, timeout=900)
+  return params_of(wd)
+
+
+def assert_same(a, b):
+  assert a[0] == b[0]
+  for x, y in zip(a[1], b[1]):
+    np.testing.assert_array_equal(x, y)
+
+
+def test_sigkill_then_resume_matches_uninterrupted(store, reference,
+                                                   tmp_path):
+  proc = subprocess.Popen(train_cmd(tmp_path, store), cwd=REPO, env=env(),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True)
+  wait_for_epochs(tmp_path, 1, proc)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  with checkpoint.manager(tmp_path / "checkpoints") as mngr:
+    assert mngr.latest_step() is not None and mngr.latest_step() < 100
+  subprocess.run(train_cmd(tmp_path, store), cwd=REPO, env=env(), check=True,
+                 capture_output=True, timeout=900)
+  assert_same(params_of(tmp_path), reference)
+
+
+def test_sigterm_checkpoints_at_the_signal(store, tmp_path):
+  # A long run (600 steps), so the signal surely lands mid-run.
+  proc = subprocess.Popen(train_cmd(tmp_path, store, "--config.epochs=30"),
+                          cwd=REPO, env=env(), stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+  wait_for_epochs(tmp_path, 1, proc)
+  proc.send_signal(signal.SIGTERM)
+  out, err = proc.communicate(timeout=300)
+  assert proc.returncode == 0, err[-2000:]
+  summary = json.loads(out[out.index("{"):])
+  assert summary["preempted"] is True
+  step, _ = params_of(tmp_path)
+  assert 20 <= step == summary["steps"] < 600  # Saved at the signal.
+
+
+def free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_equal_four_devices(store, tmp_path):
+  steps = ["--config.stop_after_steps=20"]
+  four = tmp_path / "four"
+  subprocess.run(train_cmd(four, store, *steps), cwd=REPO, env=env(4),
+                 check=True, capture_output=True, timeout=900)
+  one = tmp_path / "one"
+  subprocess.run(train_cmd(one, store, *steps), cwd=REPO, env=env(1),
+                 check=True, capture_output=True, timeout=900)
+  multi = tmp_path / "multi"
+  port = free_port()
+  procs = [subprocess.Popen(
+      train_cmd(multi, store, *steps, f"--coordinator_address=127.0.0.1:"
+                f"{port}", "--num_processes=2", f"--process_id={i}"),
+      cwd=REPO, env=env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+      text=True) for i in range(2)]
+  for p in procs:
+    _, err = p.communicate(timeout=900)
+    assert p.returncode == 0, err[-3000:]
+  # Cross-device sums (loss, gradients) run in a different order on each
+  # layout, so the floats agree to rounding, not bit for bit -- except in
+  # directions the loss cannot see: the Plackett-Luce loss ignores a shift of
+  # all scores, so the head bias (and the head LayerNorm's bias) get
+  # gradients that are 0 up to rounding noise, which Adam turns into +-lr
+  # steps. Those change no ranking, so compare scores up to a per-task shift.
+  from spider_jax.data.store import FeatureStore
+  from spider_jax.ranker import Ranker
+  from spider_jax.scoring import score_tasks
+  fs = FeatureStore(store)
+  tasks = [fs.task(n) for n in fs.task_names("target")]
+  scores = {}
+  for name, wd in (("one", one), ("four", four), ("multi", multi)):
+    ranker = Ranker.load(wd / "checkpoints")
+    s = score_tasks(ranker.scorer, tasks, ranker.zoo, k=2)
+    scores[name] = s - s.mean(axis=1, keepdims=True)
+  np.testing.assert_allclose(scores["multi"], scores["four"], atol=1e-5)
+  np.testing.assert_allclose(scores["one"], scores["four"], atol=1e-5)
+  assert (np.argsort(-scores["multi"], 1) == np.argsort(-scores["one"],
+                                                         1)).all()
