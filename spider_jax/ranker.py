@@ -71,20 +71,31 @@ class RankResult:
 class Ranker:
   """A trained Model Spider ranker (parameters + zoo metadata)."""
 
-  def __init__(self, graphdef, params, meta: dict, *, batch_size: int = 8):
+  def __init__(self, graphdef, params, meta: dict, *, batch_size: int = 8,
+               model_parallel: int = 1):
     self.meta = meta
     self.zoo = ZooInfo(tuple(meta["ptm_names"]), tuple(meta["ptm_dims"]),
                        int(meta["generic_dim"]))
-    self.scorer = Scorer(graphdef, params, batch_size=batch_size)
+    self.scorer = Scorer(graphdef, params, batch_size=batch_size,
+                         model_parallel=model_parallel)
 
   @classmethod
-  def load(cls, checkpoint_dir, step: int | None = None) -> "Ranker":
-    """Loads the best (else latest) step of an orbax checkpoint directory."""
+  def load(cls, checkpoint_dir, step: int | None = None, *,
+           batch_size: int = 8, model_parallel: int = 1) -> "Ranker":
+    """Loads the best (else latest) step of an orbax checkpoint directory.
+
+    Args:
+      checkpoint_dir: the directory `spider_jax.train` wrote.
+      step: a specific step; default the best on validation, else latest.
+      batch_size: tasks per compiled call.
+      model_parallel: devices that split the zoo (2-D tasks x PTMs mesh).
+    """
     step, meta = checkpoint.read_meta(pathlib.Path(checkpoint_dir), step)
     graphdef, abstract = nnx.split(nnx.eval_shape(lambda: model_from_meta(
         meta)))
     params = checkpoint.restore_params(checkpoint_dir, abstract, step)
-    return cls(graphdef, params, meta)
+    return cls(graphdef, params, meta, batch_size=batch_size,
+               model_parallel=model_parallel)
 
   @property
   def ptm_names(self) -> tuple[str, ...]:

@@ -12,6 +12,7 @@ import dataclasses
 from typing import Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -39,14 +40,26 @@ def score(graphdef, params, u, u_mask, slots=None):
 class Scorer:
   """Jit-compiled, device-sharded scoring with static shapes.
 
-  Tasks are padded to `batch_size` (a multiple of the mesh size) and their
-  prototypes to `tokens.bucket_size(C)`, so there is one compile per
-  (bucket, k) pair. `trace_count` counts compiles (for tests).
+  Tasks are padded to `batch_size` (a multiple of the data-parallel size)
+  and their prototypes to `tokens.bucket_size(C)`, so there is one compile
+  per (bucket, k) pair. `trace_count` counts compiles (for tests).
+
+  With `model_parallel` > 1 the mesh is 2-D (tasks x PTMs): the per-PTM
+  tables (tokens, re-ranking projections) are split over `model_parallel`
+  devices, so a zoo of 10^4-10^5 PTMs need not fit on one device; the zoo is
+  padded with dummy PTMs to a multiple of it (their scores are dropped) and
+  scores are gathered on every host.
   """
 
-  def __init__(self, graphdef, params, *, mesh=None, batch_size: int = 16):
-    self.mesh = sharding.data_mesh() if mesh is None else mesh
-    self.batch_size = sharding.pad_to_multiple(batch_size, self.mesh.size)
+  def __init__(self, graphdef, params, *, mesh=None, batch_size: int = 16,
+               model_parallel: int = 1):
+    if mesh is None:
+      mesh = (sharding.data_mesh() if model_parallel == 1 else
+              sharding.zoo_mesh(model_parallel))
+    self.mesh = mesh
+    data_size = mesh.shape["data"]
+    self.model_size = mesh.shape.get("model", 1)
+    self.batch_size = sharding.pad_to_multiple(batch_size, data_size)
     self.graphdef = graphdef
     self.set_params(params)
     self.trace_count = 0
@@ -62,12 +75,24 @@ class Scorer:
 
   def set_params(self, params) -> None:
     """Swaps in new parameters (same structure: no recompile)."""
-    self.params = jax.device_put(params, sharding.replicated(self.mesh))
+    self.num_ptms = params["ptm_tokens"].shape[0]
+    pad = sharding.pad_to_multiple(self.num_ptms, self.model_size) - \
+        self.num_ptms
+    if pad:
+      def pad_rows(path, x):
+        name = jax.tree_util.keystr(path)
+        if any(f"'{n}'" in name for n in sharding.PER_PTM_PARAMS):
+          return jnp.concatenate([x, jnp.zeros((pad,) + x.shape[1:],
+                                               x.dtype)])
+        return x
+      params = jax.tree_util.tree_map_with_path(pad_rows, params)
+    self.params = jax.device_put(params, sharding.param_shardings(params,
+                                                                  self.mesh))
 
   def __call__(self, batch: dict) -> np.ndarray:
     """Scores a host batch (leading axis = batch_size) -> [B, M] numpy."""
-    return np.asarray(self._jit(self.params,
-                                sharding.put_batch(batch, self.mesh)))
+    out = self._jit(self.params, sharding.put_batch(batch, self.mesh))
+    return np.asarray(out)[:, :self.num_ptms]
 
 
 def _groups(tasks: Sequence[TaskData], batch_size: int):

@@ -18,6 +18,34 @@ def data_mesh(devices=None) -> Mesh:
                        axis_types=(AxisType.Auto,))
 
 
+def zoo_mesh(model_parallel: int, devices=None) -> Mesh:
+  """A 2-D mesh ("data", "model"): tasks x PTMs, for zoos too big for one
+  device. `model_parallel` devices share each task's zoo."""
+  devices = jax.devices() if devices is None else list(devices)
+  if model_parallel < 1 or len(devices) % model_parallel:
+    raise ValueError(f"model_parallel={model_parallel} must divide the "
+                     f"{len(devices)} devices.")
+  return jax.make_mesh((len(devices) // model_parallel, model_parallel),
+                       ("data", "model"), devices=devices,
+                       axis_types=(AxisType.Auto, AxisType.Auto))
+
+
+# Parameters with one row per PTM: split over the "model" axis of a zoo mesh.
+PER_PTM_PARAMS = ("ptm_tokens", "h_w", "h_b")
+
+
+def param_shardings(params, mesh: Mesh):
+  """Per-leaf shardings: per-PTM tables split over "model" (if the mesh has
+  that axis), everything else replicated."""
+  def one(path, _):
+    name = jax.tree_util.keystr(path)
+    if "model" in mesh.axis_names and any(f"'{n}'" in name
+                                          for n in PER_PTM_PARAMS):
+      return NamedSharding(mesh, P("model"))
+    return NamedSharding(mesh, P())
+  return jax.tree_util.tree_map_with_path(one, params)
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
   """Sharding that keeps a full copy on every device."""
   return NamedSharding(mesh, P())

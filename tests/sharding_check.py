@@ -62,7 +62,18 @@ def main():
         num_ptms=5, num_train=16, num_val=2, num_target=6, seed=1))
     one = run(jax.devices()[:1], store, cfg)
     four = run(jax.devices(), store, cfg)
+    # 2-D (tasks x PTMs) meshes: the zoo split over 2 and 4 devices (5 PTMs
+    # are padded to 6 and 8).
+    zoo = zoo_of(store)
+    graphdef, params = nnx.split(build_model(cfg, zoo, 0))
+    tasks = [store.task(n) for n in store.task_names()]
+    two_d = []
+    for mp in (2, 4):
+      scorer = Scorer(graphdef, params, batch_size=8, model_parallel=mp)
+      two_d.append(np.abs(score_tasks(scorer, tasks, zoo, k=2) -
+                          one[1]).max())
   out = {
+      "scores_2d": float(max(two_d)),
       "scores_k0": float(np.abs(one[0] - four[0]).max()),
       "scores_k2": float(np.abs(one[1] - four[1]).max()),
       "loss": abs(one[2] - four[2]),

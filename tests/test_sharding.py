@@ -1,4 +1,5 @@
-"""Same numbers on 1 and 4 (simulated) devices: scoring and a train step."""
+"""Same numbers on 1 and 4 (simulated) devices: scoring (data parallel and
+with the zoo split over devices) and a train step."""
 
 import json
 import os
@@ -20,5 +21,6 @@ def test_one_vs_four_devices():
   # Only the order of float reductions may differ between layouts.
   assert diffs["scores_k0"] < 1e-5, diffs
   assert diffs["scores_k2"] < 1e-5, diffs
+  assert diffs["scores_2d"] < 1e-5, diffs  # Zoo split over devices.
   assert diffs["loss"] < 1e-5, diffs
   assert diffs["grads"] < 1e-5, diffs
