@@ -132,15 +132,15 @@ class Ranker:
     k = int(self.meta.get("rerank_k", 0)) if k is None else int(k)
     fn = ptm_features
     if isinstance(ptm_features, Mapping):
-      fn = lambda name: ptm_features[name]
-    wrapped = None
-    if fn is not None:
-      def wrapped(name):
-        f = np.asarray(fn(name), np.float32)
-        dim = self.zoo.ptm_dims[self.zoo.ptm_names.index(name)]
-        validate_features(f, dim=dim, where=f"features of {name}")
-        return f
-    task = InMemoryTask(g, y.astype(np.int32), wrapped)
+      fn = ptm_features.__getitem__
+
+    def checked(name):
+      f = np.asarray(fn(name), np.float32)
+      dim = self.zoo.ptm_dims[self.zoo.ptm_names.index(name)]
+      validate_features(f, dim=dim, where=f"features of {name}")
+      return f
+
+    task = InMemoryTask(g, y.astype(np.int32), checked if fn else None)
     scores = score_tasks(self.scorer, [task], self.zoo, k=k)[0]
     order = tuple(self.zoo.ptm_names[i] for i in np.argsort(-scores,
                                                             kind="stable"))

@@ -16,13 +16,12 @@ import subprocess
 import sys
 import time
 
-import jax
 import numpy as np
 import pytest
-from flax import nnx
 
 from spider_jax import checkpoint
-from spider_jax.ranker import model_from_meta
+
+from conftest import latest_params
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 EPOCHS = 5  # tiny: 20 steps per epoch -> 100 steps.
@@ -37,16 +36,6 @@ def train_cmd(workdir, store, *extra):
 def env(devices=1):
   return dict(os.environ, JAX_PLATFORMS="cpu",
               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-
-
-def params_of(workdir):
-  path = pathlib.Path(workdir) / "checkpoints"
-  with checkpoint.manager(path) as mngr:
-    step = mngr.latest_step()
-  _, meta = checkpoint.read_meta(path, step)
-  _, abstract = nnx.split(nnx.eval_shape(lambda: model_from_meta(meta)))
-  leaves = jax.tree.leaves(checkpoint.restore_params(path, abstract, step))
-  return step, [np.asarray(x) for x in leaves]
 
 
 def wait_for_epochs(workdir, n, proc, timeout=600):
@@ -76,7 +65,7 @@ def reference(store, tmp_path_factory):
   wd = tmp_path_factory.mktemp("ref")
   subprocess.run(train_cmd(wd, store), cwd=REPO, env=env(), check=True,
                  capture_output=True, timeout=900)
-  return params_of(wd)
+  return latest_params(wd)
 
 
 def assert_same(a, b):
@@ -97,7 +86,7 @@ def test_sigkill_then_resume_matches_uninterrupted(store, reference,
     assert mngr.latest_step() is not None and mngr.latest_step() < 100
   subprocess.run(train_cmd(tmp_path, store), cwd=REPO, env=env(), check=True,
                  capture_output=True, timeout=900)
-  assert_same(params_of(tmp_path), reference)
+  assert_same(latest_params(tmp_path), reference)
 
 
 def test_sigterm_checkpoints_at_the_signal(store, tmp_path):
@@ -111,7 +100,7 @@ def test_sigterm_checkpoints_at_the_signal(store, tmp_path):
   assert proc.returncode == 0, err[-2000:]
   summary = json.loads(out[out.index("{"):])
   assert summary["preempted"] is True
-  step, _ = params_of(tmp_path)
+  step, _ = latest_params(tmp_path)
   assert 20 <= step == summary["steps"] < 600  # Saved at the signal.
 
 

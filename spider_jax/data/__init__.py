@@ -4,3 +4,7 @@ from spider_jax.data.store import (FeatureStore, GroundTruth, PTMInfo,
                                    StoreError, StoreWriter, TaskData,
                                    read_ground_truth, validate_features,
                                    validate_labels)
+
+__all__ = ["FeatureStore", "GroundTruth", "PTMInfo", "StoreError",
+           "StoreWriter", "TaskData", "read_ground_truth", "validate_features",
+           "validate_labels"]

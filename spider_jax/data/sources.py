@@ -12,7 +12,6 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import io
-import os
 import pathlib
 import pickle
 from typing import Any
