@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import pathlib
 import signal
+import sys
 import threading
 
 import jax
@@ -20,10 +21,13 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 def define_flags(default_config: str) -> None:
   """--config (ml_collections file), --workdir and the multi-host flags."""
-  config_flags.DEFINE_config_file(
-      "config", str(REPO / "configs" / default_config),
-      "Config file[:variant]; override fields with --config.x=...",
-      lock_config=True)
+  try:  # config_flags reads the --config.* overrides right here.
+    config_flags.DEFINE_config_file(
+        "config", str(REPO / "configs" / default_config),
+        "Config file[:variant]; override fields with --config.x=...",
+        lock_config=True)
+  except (AttributeError, KeyError) as e:
+    _unknown_field(e)
   flags.DEFINE_string("workdir", "runs/default", "Run directory.")
   flags.DEFINE_bool("distributed", False,
                     "Call jax.distributed.initialize() (multi-host: TPU pod "
@@ -33,6 +37,24 @@ def define_flags(default_config: str) -> None:
                       "host:port of process 0 (explicit clusters only).")
   flags.DEFINE_integer("num_processes", None, "Number of processes.")
   flags.DEFINE_integer("process_id", None, "This process's index.")
+
+
+def parse_flags(argv):
+  """absl flag parsing with a clear message for unknown config fields."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    sys.exit(f"FATAL Flags parsing error: {e}\nPass --helpfull to see the "
+             "flags.")
+  except (AttributeError, KeyError) as e:  # Raised by config_flags.
+    _unknown_field(e)
+
+
+def _unknown_field(e: Exception):
+  overrides = [a for a in sys.argv if a.startswith("--config.")]
+  sys.exit(f"Unknown config field {e} in {overrides}: the config has no such "
+           "field. Check the spelling against the config file (configs/*.py; "
+           "fields are listed in its docstring and get_config).")
 
 
 def initialize_runtime() -> None:

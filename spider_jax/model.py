@@ -13,8 +13,8 @@ letting theta_m attend over [theta_m, U, H_m] and reading out theta_m's row:
 Only theta_m's output row is ever read, so this module computes attention for
 that single query and never materialises the L x L matrix. Keys and values
 are linear in the tokens, so the logits are tok . (W_k q) and the values
-(p tok) W_v W_o: U is projected (and passed through W_v, and W_o when
-M > P) once per task and shared by all PTMs, and in the first block the query
+(p tok) W_v W_o: U is projected (and, for zoos larger than P, passed through
+W_v and W_o) once per task and shared by all PTMs, and in the first block the query
 terms are per PTM, so scoring a task is two [M, d] x [d, P] products plus
 O(M d^2) per-PTM work, batched over tasks and PTMs (no loop over the zoo;
 PTM tokens never attend to each other). H_m is never projected to d either:
@@ -189,15 +189,21 @@ class QueryBlock(nnx.Module):
       if slots is not None:
         p_h = _dropout(k3, p_h, cfg.dropout)
     wv, wo = self.wv[...], self.wo[...]
-    # Values: tokens through W_v then W_o. Task tokens are shared by all
-    # PTMs, so fold W_o into them when that is cheaper (M > P * heads).
-    uv = jnp.einsum("bpd,dhe->bhpe", up, wv)                  # [B, H, P, e]
+    # Values: tokens through W_v, then W_o. Task tokens are shared by all
+    # PTMs: pass them through W_v (and W_o) once per task when the zoo is
+    # larger than the token set, else weight them first (per pair).
     if m > p_len * heads:
-      o = jnp.einsum("bmhp,bhpd->bmd", p_u,
-                     jnp.einsum("bhpe,hed->bhpd", uv, wo))
-    else:
+      uvo = jnp.einsum("bhpe,hed->bhpd",
+                       jnp.einsum("bpd,dhe->bhpe", up, wv), wo)
+      o = jnp.einsum("bmhp,bhpd->bmd", p_u, uvo)
+    elif m > p_len:
+      uv = jnp.einsum("bpd,dhe->bhpe", up, wv)
       o = jnp.einsum("bmhe,hed->bmd",
                      jnp.einsum("bmhp,bhpe->bmhe", p_u, uv), wo)
+    else:
+      t = jnp.einsum("bmhp,bpd->bmhd", p_u, up)
+      o = jnp.einsum("bmhe,hed->bmd",
+                     jnp.einsum("bmhd,dhe->bmhe", t, wv), wo)
     xvo = jnp.einsum("...he,hed->...hd",
                      jnp.einsum("...d,dhe->...he", xn, wv), wo)  # [.., M, H, d]
     o = o + jnp.einsum("bmh,mhd->bmd" if shared else "bmh,bmhd->bmd", p_self,

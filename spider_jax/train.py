@@ -252,4 +252,4 @@ if __name__ == "__main__":
   from spider_jax import cli
   cli.define_flags("train.py")
   jax.config.config_with_absl()
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -65,8 +65,8 @@ def test_prototypes_are_means_of_normalised_features():
 
 
 def test_buckets_and_padding():
-  assert [tokens.bucket_size(n) for n in (1, 8, 9, 13, 85, 397)] == [
-      8, 8, 12, 16, 96, 512]
+  assert [tokens.bucket_size(n) for n in (1, 8, 9, 13, 85, 200, 397, 1500)
+          ] == [8, 8, 12, 16, 96, 256, 448, 1536]
   t, mask = tokens.task_tokens(np.ones((6, 3)), np.array([0, 1, 2, 0, 1, 2]),
                                3)
   assert t.shape == (8, 3) and mask.tolist() == [True] * 3 + [False] * 5
@@ -88,14 +88,14 @@ def test_efficient_equals_full_formulation(name):
                              net.full_scores(u, u_mask, slots), atol=2e-5)
 
 
-@pytest.mark.parametrize("name", ["paper", "heads_ffn_bias"])
-def test_large_zoo_path_equals_full_formulation(name):
-  """M > P * heads folds W_o into the task tokens: same numbers."""
-  m = 40
+@pytest.mark.parametrize("name,m", [("paper", 40), ("heads_ffn_bias", 40),
+                                    ("heads_ffn_bias", 20)])
+def test_large_zoo_path_equals_full_formulation(name, m):
+  """M > P folds W_v (and, for M > P * heads, W_o) into the task tokens."""
   dims = [DIMS[i % len(DIMS)] for i in range(m)]
   net = FitnessTransformer(m, 12, dims, CONFIGS[name], rngs=nnx.Rngs(1))
   u, u_mask, slots = make_inputs()
-  slots["ptm"] = np.array([[10, 33], [1, 25], [39, 0]])
+  slots["ptm"] = np.array([[10, m - 7], [1, m - 15], [m - 1, 0]])
   slots["h"] *= (np.arange(max(DIMS))[None, None, None] <
                  np.array(dims)[slots["ptm"]][..., None, None])
   np.testing.assert_allclose(net(u, u_mask), net.full_scores(u, u_mask),
