@@ -22,14 +22,13 @@ import jax
 import numpy as np
 from absl import logging
 
-from spider_jax import checkpoint, metrics
-from spider_jax.data.store import FeatureStore, atomic_write_json, \
-    atomic_write_text
+from spider_jax import baselines, checkpoint, metrics
+from spider_jax.data.store import (FeatureStore, atomic_write_json,
+                                   atomic_write_text)
 from spider_jax.ranker import Ranker
 from spider_jax.scoring import score_tasks
 from spider_jax.train import open_or_build_store, train
 
-KNOWN_METHODS = ("spider", "prior", "random")
 
 
 def resolve_checkpoint(config, workdir: pathlib.Path) -> pathlib.Path:
@@ -60,46 +59,99 @@ def _unfinished(path: pathlib.Path) -> bool:
       "stop_after_steps"]
 
 
+def parse_methods(text: str) -> list[str]:
+  """Comma-separated method names -> list; unknown names are an error."""
+  methods = [m.strip() for m in text.split(",") if m.strip()]
+  known = ("spider",) + tuple(baselines.METHODS)
+  unknown = [m for m in methods if m not in known]
+  if unknown or not methods:
+    raise ValueError(f"unknown method(s) {unknown or text!r} in "
+                     f"--config.rank.methods; known: {', '.join(known)}.")
+  return methods
+
+
+def forward_seconds(store: FeatureStore, tasks, models) -> np.ndarray:
+  """[T] seconds of the forward passes a method needs on each task.
+
+  Args:
+    store: gives the recorded seconds per image ("encoder" and each PTM).
+    tasks: T tasks; each is charged for its training rows.
+    models: per task, the names whose passes are needed.
+  """
+  sps = store.seconds_per_sample()
+  return np.array([t.mask("train").sum() * sum(sps.get(m, 0.0) for m in ms)
+                   for t, ms in zip(tasks, models)])
+
+
 def rank(config, workdir) -> dict:
   """Ranks the configured tasks; writes WORKDIR/rank/*; returns the report.
 
   Returns:
     {"k": depth used, "tasks": [...], "methods": [...], "scores":
      {method: [T, M]}, "metrics": {method: {task: {metric: value}}},
-     "mean": {method: {metric: value}}, "seconds_per_task": {...}}.
+     "mean": {method: {metric: value}}, "seconds_per_task": {method:
+     {"forward": s, "method": s, "total": s}} (mean over tasks; forward =
+     the recorded cost of the network passes the method needs)}.
   """
   workdir = pathlib.Path(workdir)
-  methods = [m.strip() for m in config.rank.methods.split(",") if m.strip()]
-  unknown = [m for m in methods if m not in KNOWN_METHODS]
-  if unknown:
-    raise ValueError(f"unknown method(s) {unknown}; known: {KNOWN_METHODS}.")
+  methods = parse_methods(config.rank.methods)
   store = open_or_build_store(config, workdir)
-  ckpt = resolve_checkpoint(config, workdir)
-  ranker = Ranker.load(ckpt)
-  checkpoint.check_zoo(ranker.meta, store.ptm_names, store.ptm_dims,
-                       store.encoder_dim)
+  ckpt = resolve_checkpoint(config, workdir) if "spider" in methods or \
+      "prior" in methods else None
+  ranker = (Ranker.load(ckpt, batch_size=config.eval_batch_size,
+                        model_parallel=config.rank.model_parallel)
+            if ckpt is not None else None)
+  if ranker is not None:
+    checkpoint.check_zoo(ranker.meta, store.ptm_names, store.ptm_dims,
+                         store.encoder_dim)
   role = config.rank.tasks
   names = store.task_names(None if role == "all" else role)
   if not names:
     raise ValueError(f"the store has no tasks with role {role!r}.")
   tasks = [store.task(n) for n in names]
-  k = int(ranker.meta.get("rerank_k", 0)) if config.rank.k < 0 else int(
-      config.rank.k)
+  ptms = list(store.ptm_names)
+  k = (int(ranker.meta.get("rerank_k", 0)) if ranker is not None else 0) \
+      if config.rank.k < 0 else int(config.rank.k)
   scores, seconds = {}, {}
-  if "spider" in methods:
-    for kk in sorted({0, k}):
-      t0 = time.perf_counter()
-      scores[f"spider(k={kk})"] = score_tasks(ranker.scorer, tasks,
-                                              ranker.zoo, k=kk)
-      seconds[f"spider(k={kk})"] = (time.perf_counter() - t0) / len(tasks)
-  if "prior" in methods:
-    scores["prior"] = np.tile(ranker.prior, (len(tasks), 1))
-  if "random" in methods:
-    rng = np.random.default_rng(config.seed)
-    scores["random"] = rng.random((len(tasks), len(store.ptms)))
+
+  def timed(name, fn, forward):
+    t0 = time.perf_counter()
+    scores[name] = np.asarray(fn(), np.float64)
+    spent = (time.perf_counter() - t0) / len(tasks)
+    fwd = float(np.mean(forward))
+    seconds[name] = {"forward": fwd, "method": spent, "total": fwd + spent}
+
+  key = jax.random.key(config.seed)
+  for method in methods:
+    if method == "spider":
+      base = None
+      for kk in sorted({0, k}):
+        enc = [["encoder"]] * len(tasks)
+        if kk:  # Plus the forward passes of each task's top-k PTMs.
+          top = np.argsort(-base, axis=1, kind="stable")[:, :kk]
+          enc = [e + [ptms[j] for j in row] for e, row in zip(enc, top)]
+        timed(f"spider(k={kk})",
+              lambda kk=kk: score_tasks(ranker.scorer, tasks, ranker.zoo,
+                                        k=kk),
+              forward_seconds(store, tasks, enc))
+        base = scores[f"spider(k={kk})"] if kk == 0 else base
+    elif method == "prior":
+      timed("prior", lambda: np.tile(ranker.prior, (len(tasks), 1)),
+            np.zeros(len(tasks)))
+    elif method == "random":
+      timed("random", lambda: np.stack([
+          baselines.random_scores(jax.random.fold_in(key, i), len(ptms))
+          for i in range(len(tasks))]), np.zeros(len(tasks)))
+    else:
+      def run(method=method):
+        with jax.enable_x64(True):  # Baselines match float64 references.
+          return np.stack([baselines.score_zoo(
+              method, t, ptms, key=jax.random.fold_in(key, i))
+                           for i, t in enumerate(tasks)])
+      timed(method, run, forward_seconds(store, tasks, [ptms] * len(tasks)))
   gt = store.ground_truth()
   report = {"k": k, "checkpoint": str(ckpt), "store": str(store.path),
-            "tasks": names, "ptm_names": list(store.ptm_names),
+            "tasks": names, "ptm_names": ptms,
             "methods": list(scores), "seconds_per_task": seconds,
             "scores": {m: s.tolist() for m, s in scores.items()},
             "metrics": {}, "mean": {}}
@@ -160,6 +212,8 @@ def format_report(report: dict) -> str:
                      ("regret@1", "mean regret@1")):
     lines.append(label.ljust(width) + "".join(
         f"{report['mean'][m][key]:>14.3f}" for m in methods))
+  lines.append("sec/task".ljust(width) + "".join(
+      f"{report['seconds_per_task'][m]['total']:>14.4f}" for m in methods))
   return "\n".join(lines)
 
 
@@ -184,4 +238,4 @@ if __name__ == "__main__":
   from spider_jax import cli
   cli.define_flags("rank.py")
   jax.config.config_with_absl()
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -5,27 +5,19 @@ import shutil
 import subprocess
 import sys
 
-import jax
 import numpy as np
 import pytest
 from flax import nnx
 
 from spider_jax import checkpoint, rank as rank_lib
 from spider_jax.data.synthetic import SyntheticSpec, write_synthetic_store
-from spider_jax.ranker import Ranker, model_from_meta
-from spider_jax.scoring import Scorer, ZooInfo, score_tasks
+from spider_jax.ranker import Ranker
+from spider_jax.scoring import Scorer, score_tasks
 from spider_jax.train import train
 
+from conftest import latest_params
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
-
-
-def latest_params(workdir):
-  path = pathlib.Path(workdir) / "checkpoints"
-  with checkpoint.manager(path) as mngr:
-    step = mngr.latest_step()
-  _, meta = checkpoint.read_meta(path, step)
-  _, abstract = nnx.split(nnx.eval_shape(lambda: model_from_meta(meta)))
-  return step, checkpoint.restore_params(path, abstract, step)
 
 
 @pytest.fixture(scope="module")
@@ -54,15 +46,23 @@ def test_preempted_run_resumes_to_the_same_parameters(run):
   step_a, a = latest_params(interrupted)
   step_b, b = latest_params(straight)
   assert step_a == step_b == resumed["total_steps"]
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  for x, y in zip(a, b):
+    np.testing.assert_array_equal(x, y)
   lines = (interrupted / "metrics.jsonl").read_text().splitlines()
   assert any('"val_weighted_tau"' in line for line in lines)
 
 
 def test_ranker_learns_the_planted_ranking(run):
   cfg, interrupted, *_ = run
+  cfg = cfg.copy_and_resolve_references()
+  with cfg.unlocked():
+    cfg.rank.methods = "spider,prior,random,nce"
   report = rank_lib.rank(cfg, interrupted)
+  assert set(report["methods"]) == {f"spider(k={report['k']})",
+                                    "spider(k=0)", "prior", "random", "nce"}
+  for m in report["methods"]:
+    assert np.isfinite(report["mean"][m]["weighted_tau"])
+    assert report["seconds_per_task"][m]["total"] >= 0
   spider = report["mean"][f"spider(k={report['k']})"]["weighted_tau"]
   prior = report["mean"]["prior"]["weighted_tau"]
   assert spider > 0.8, report["mean"]
@@ -73,6 +73,10 @@ def test_ranker_learns_the_planted_ranking(run):
   assert "prior" in text and "mean regret@1" in text
   again = rank_lib.rank(cfg, interrupted)  # Reuses the checkpoint.
   assert again["scores"] == report["scores"]
+  with cfg.unlocked():
+    cfg.rank.methods = "spider,logmee"
+  with pytest.raises(ValueError, match="unknown method.*logmee"):
+    rank_lib.rank(cfg, interrupted)
 
 
 def test_python_api_matches_store_scoring(run):
