@@ -21,7 +21,7 @@ def all_fonts():
   try:
     return fonts_lib.discover_fonts()
   except fonts_lib.FontError as e:
-    pytest.skip(f"{e}")
+    pytest.fail(f"{e}")
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +31,7 @@ def two_fonts(all_fonts):
            and ord(THAI_KO) not in f.codepoints]
   has = [f for f in all_fonts if f.coverage("AB" + THAI_KO) == 1]
   if not lacks or not has:
-    pytest.skip("need a Thai font and a non-Thai font installed")
+    pytest.fail("need a Thai font and a non-Thai font: run launch/install_data.sh")
   return lacks[0], has[0]
 
 
@@ -135,7 +135,7 @@ def test_real_packaged_sources_load():
   try:
     x, y = sources.load_animal_mnist()
   except sources.MissingPackageError as e:
-    pytest.skip(str(e))
+    pytest.fail(str(e))
   assert x.shape == (10000, 28, 28, 1) and x.dtype == np.uint8
   assert np.bincount(y).tolist() == [1000] * 10
   x, y = sources.load_sklearn_digits()
@@ -226,7 +226,7 @@ def tiny_pools(tmp_path_factory, all_fonts):
     return builders.benchmark_pools(scale=0.03, cache_dir=cache,
                                     font_list=all_fonts)
   except sources.MissingPackageError as e:
-    pytest.skip(str(e))
+    pytest.fail(str(e))
 
 
 def test_pools_roles_and_disjointness(tiny_pools):

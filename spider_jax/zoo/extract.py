@@ -265,6 +265,12 @@ def _ptm_infos(reg) -> list[store_lib.PTMInfo]:
           for n, s in reg.items()]
 
 
+def _finished_pools(path: pathlib.Path, key: str = "pools") -> dict:
+  meta = path / "meta.json"
+  return dict(json.loads(meta.read_text()).get(key, {})) if meta.exists() \
+      else {}
+
+
 def open_writer(path, cfg, reg, extra_meta: Mapping | None = None
                 ) -> store_lib.StoreWriter:
   enc = _encoder_spec(cfg)
@@ -273,9 +279,38 @@ def open_writer(path, cfg, reg, extra_meta: Mapping | None = None
   if meta_path.exists() and gt_path.exists() and not json.loads(
       meta_path.read_text()).get("tasks"):
     gt_path.unlink()  # A pools-only store has a header-only table.
-  return store_lib.StoreWriter(
+  w = store_lib.StoreWriter(
       path, encoder_name=enc.name, encoder_dim=enc.feature_dim,
       ptms=_ptm_infos(reg), extra_meta=extra_meta)
+  # Tasks whose ground truth is still pending (empty cells) stay pending.
+  for t in w.tasks:
+    row = w.gt.setdefault(t, {})
+    for p in w.ptms:
+      row.setdefault(p.name, float("nan"))
+  return w
+
+
+def measure_seconds_per_sample(cfg, reg, images: np.ndarray,
+                               shared: Sequence[str], n: int = 256
+                               ) -> dict[str, float]:
+  """Forward seconds per image of every PTM on `n` images, after compiling."""
+  out = {}
+  for name, spec in reg.items():
+    loaded = spec.load()
+    fn = features_and_probs(loaded)
+    bs = (cfg.extract.onnx_batch_size if loaded.model is None
+          else cfg.extract.batch_size)
+    x = images[:max(n, bs)]
+    _run_batched(fn, x[:bs], bs)
+    t0 = time.perf_counter()
+    _run_batched(fn, x, bs)
+    out[name] = (time.perf_counter() - t0) / len(x)
+  if shared:
+    out["encoder"] = out[shared[0]]
+  else:
+    out["encoder"] = measure_seconds_per_sample(
+        cfg, {"encoder": _encoder_spec(cfg)}, images, (), n)["encoder"]
+  return out
 
 
 def extract_store(cfg, pools: Mapping[str, builders.Pool],
@@ -296,20 +331,29 @@ def extract_store(cfg, pools: Mapping[str, builders.Pool],
   path = pathlib.Path(path)
   names = list(dict.fromkeys(list(cfg.pools.targets) + list(cfg.pools.train)
                              + list(cfg.pools.val)))
-  w = open_writer(path, cfg, reg, extra_meta)
-  todo = [n for n in names if not w.has_pool(n)]
-  skipped = [n for n in names if w.has_pool(n)]
-  t_start = time.perf_counter()
-  if not todo:
-    w.close()
-    return {"extracted": [], "skipped": skipped, "seconds": 0.0,
-            "seconds_per_sample": dict(w.seconds)}
+  # Finished pools are those in meta.json. The writer is opened (which
+  # removes meta.json until it is closed again) only around each add_pool,
+  # so a crash while a pool is being extracted loses only that pool.
   enc = _encoder_spec(cfg)
   # The generic encoder reuses a zoo member's features when the weights and
   # the input pipeline are identical (the default: efficientnet_lite0).
   shared = [n for n, s in reg.items() if s.weight_group == enc.weight_group
             and s.input_size == enc.input_size
             and s.normalisation == enc.normalisation]
+  done = _finished_pools(path)
+  todo = [n for n in names if n not in done]
+  skipped = [n for n in names if n in done]
+  t_start = time.perf_counter()
+  if not todo:
+    have = _finished_pools(path, "seconds_per_sample")
+    if set(reg) - set(have):  # e.g. a store whose meta.json was rebuilt
+      w = open_writer(path, cfg, reg, extra_meta)
+      w.set_seconds_per_sample(measure_seconds_per_sample(
+          cfg, reg, pools[names[0]].images, shared))
+      w.close()
+    return {"extracted": [], "skipped": skipped, "seconds": 0.0,
+            "seconds_per_sample": _finished_pools(path, "seconds_per_sample"),
+            "encoder_shares_weights_with": shared}
   members = list(reg.items())
   if not shared:
     members.append(("__encoder__", enc))
@@ -343,15 +387,14 @@ def extract_store(cfg, pools: Mapping[str, builders.Pool],
     secs = {("encoder" if k == "__encoder__" else k): t_run[k] / n_run[k]
             for k in t_run}
     secs["encoder"] = t_run[enc_key] / n_run[enc_key]
+    w = open_writer(path, cfg, reg, extra_meta)
     w.add_pool(pname, labels=pool.labels.astype(np.int64),
                generic=feats[enc_key],
                features={n: feats[n] for n in reg}, source_probs=probs)
     w.set_seconds_per_sample(secs)
     w.close()  # meta.json now lists this pool: resumable from here.
-    w = open_writer(path, cfg, reg, extra_meta)
   if bar is not None:
     bar.close()
-  w.close()
   log(f"extract: {len(todo)} pools x {len(members)} models in "
       f"{time.perf_counter() - t_start:.1f}s ({len(skipped)} skipped)")
   return {"extracted": todo, "skipped": skipped,

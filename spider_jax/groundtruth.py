@@ -1,0 +1,630 @@
+r"""Ground truth of the offline benchmark: linear probe and fine-tuning.
+
+  python -m spider_jax.groundtruth --config=configs/bench.py:full
+  python -m spider_jax.groundtruth --config=configs/bench.py:tiny \
+      --config.results_dir=/tmp/bench_tiny
+
+Stages (all cached / resumable; rerun the same command to continue):
+  1. pools (TFDS cache), 2. zoo training (orbax, config-hashed),
+  3. feature extraction into the FeatureStore (spider_jax.zoo.extract),
+  4. linear-probe accuracy of every PTM on every task (softmax regression,
+     L2 grid chosen on val, test accuracy; `vmap` over padded task batches
+     and over the L2 grid), 5. fine-tuned accuracy of every fine-tunable PTM
+     on every target (all weights, small lr grid chosen on val, test
+     accuracy, fixed seed), one cell at a time, appended to
+     `finetune_cells.csv` as it finishes.
+
+Accuracies are in percent. The store's ground_truth.csv holds fine-tune
+accuracy for target cells of fine-tunable PTMs, linear-probe accuracy for
+target cells of feature-only PTMs (Open-NSFW) and of PTMs listed in
+`config.finetune.skip`, and linear-probe accuracy for every train/val task
+(approximated performance, as in the paper). Until the fine-tune stage has
+finished, targets carry linear-probe accuracy and meta.json says so
+(`ground_truth.status`).
+
+Files in `config.results_dir`:
+  finetune_cells.csv        one row per (target, PTM): accuracy, lr, per-lr
+                            val/test accuracy, wall time, sizes, seed
+  finetune_accuracy.csv     targets x PTMs (fine-tune, %)
+  finetune_seconds.csv      targets x PTMs (wall time per cell, s)
+  linear_probe_targets.csv  targets x PTMs (linear probe, %)
+  linear_probe_tasks.csv    train/val tasks x PTMs (linear probe, %)
+  ground_truth_targets.csv  targets x PTMs as written to the store, and
+                            ground_truth_source.csv (finetune|linear_probe)
+  config.json, summary.json config, seeds, hashes, counts, stage times, best
+                            PTM per target, constant-prior tau, agreement
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import hashlib
+import json
+import math
+import os
+import pathlib
+import time
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import scipy.stats
+
+from spider_jax import metrics
+from spider_jax.data import store as store_lib
+from spider_jax.zoo import extract
+from spider_jax.zoo import finetune as finetune_lib
+
+__all__ = ["probe_batch", "linear_probe_tasks", "finetune_cell",
+           "run_finetune", "run", "summarize", "subsample_stratified"]
+
+N_BUCKETS = (64, 128, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096)
+
+
+# ----------------------------------------------------------------------------
+# Linear probe, batched over tasks.
+
+
+@functools.partial(jax.jit, static_argnames=("steps",))
+def _probe_batch(x_tr, y_tr, m_tr, x_ev, y_ev, s_ev, cmask, l2s, lr,
+                 steps: int):
+  """Masked softmax regression for T tasks x G L2 strengths.
+
+  Args:
+    x_tr: [T, Ntr, D] standardised train features (padding rows: 0).
+    y_tr: [T, Ntr] labels; m_tr: [T, Ntr] 1 for real rows.
+    x_ev: [T, Nev, D]; y_ev: [T, Nev]; s_ev: [T, Nev] 1 val, 2 test, -1 pad.
+    cmask: [T, C] True for classes of the task.
+    l2s: [G]. lr: peak Adam lr (cosine-decayed over `steps`).
+
+  Returns:
+    (val acc [T, G], test acc [T, G]).
+  """
+  d, c = x_tr.shape[-1], cmask.shape[-1]
+  tx = optax.adam(optax.cosine_decay_schedule(lr, steps))
+
+  def task(x, y, m, xe, ye, se, cm):
+    neg = jnp.where(cm, 0.0, -1e9)
+    n = jnp.maximum(jnp.sum(m), 1.0)
+
+    def fit(l2):
+      params = (jnp.zeros((d, c)), jnp.zeros((c,)))
+
+      def loss_fn(p):
+        w, b = p
+        ce = optax.softmax_cross_entropy_with_integer_labels(
+            x @ w + b + neg, y)
+        return jnp.sum(ce * m) / n + 0.5 * l2 * jnp.sum(w * w)
+
+      def body(carry, _):
+        p, s = carry
+        g = jax.grad(loss_fn)(p)
+        u, s = tx.update(g, s, p)
+        return (optax.apply_updates(p, u), s), None
+
+      (p, _), _ = jax.lax.scan(body, (params, tx.init(params)), None,
+                               length=steps)
+      return p
+
+    w, b = jax.vmap(fit)(l2s)
+    logits = jnp.einsum("nd,gdc->gnc", xe, w) + b[:, None] + neg
+    ok = (jnp.argmax(logits, -1) == ye[None]).astype(jnp.float32)
+
+    def acc(k):
+      sel = (se == k).astype(jnp.float32)
+      return jnp.sum(ok * sel, -1) / jnp.maximum(jnp.sum(sel), 1.0)
+
+    return acc(1), acc(2)
+
+  return jax.vmap(task)(x_tr, y_tr, m_tr, x_ev, y_ev, s_ev, cmask)
+
+
+def _bucket(n: int) -> int:
+  for b in N_BUCKETS:
+    if n <= b:
+      return b
+  return int(math.ceil(n / 1024) * 1024)
+
+
+def _standardise(f_tr: np.ndarray):
+  mu = f_tr.mean(0)
+  sd = f_tr.std(0)
+  sd = np.maximum(sd, 1e-2 * float(sd.mean()) + 1e-12)
+  return lambda f: (np.asarray(f, np.float32) - mu) / sd
+
+
+def probe_batch(items: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]],
+                l2_grid: Sequence[float], *, steps: int = 300,
+                lr: float = 0.01, tasks_per_batch: int = 16
+                ) -> list[dict[str, Any]]:
+  """Linear probe of many tasks (same feature width), vmapped in batches.
+
+  Same estimator as `spider_jax.zoo.finetune.linear_probe` (standardised
+  features with floored stds, zero init, full-batch Adam with cosine decay,
+  L2 picked on val, first maximum wins), with padded rows and classes masked
+  out, so a task's result does not depend on its batch-mates.
+
+  Args:
+    items: [(features [n, D], labels [n] in 0..C-1, split [n] 0/1/2)].
+    l2_grid: L2 strengths.
+    steps, lr: optimiser settings.
+    tasks_per_batch: tasks per vmapped call (the last batch is padded).
+
+  Returns:
+    One dict per item: test_acc, val_acc (at the chosen L2), best_l2 (in
+    percent for accuracies).
+  """
+  prepared = []
+  for f, y, s in items:
+    f = np.asarray(f, np.float32)
+    y = np.asarray(y, np.int32)
+    s = np.asarray(s)
+    tr = s == 0
+    norm = _standardise(f[tr])
+    prepared.append((norm(f[tr]), y[tr], norm(f[~tr]), y[~tr], s[~tr],
+                     int(y.max()) + 1))
+  order = sorted(range(len(prepared)), key=lambda i: (
+      _cpad(prepared[i][5]), len(prepared[i][1]), len(prepared[i][3])))
+  l2s = jnp.asarray(l2_grid, jnp.float32)
+  out: list[dict[str, Any] | None] = [None] * len(prepared)
+  for k in range(0, len(order), tasks_per_batch):
+    idx = order[k:k + tasks_per_batch]
+    ntr = _bucket(max(len(prepared[i][1]) for i in idx))
+    nev = _bucket(max(len(prepared[i][3]) for i in idx))
+    c = max(_cpad(prepared[i][5]) for i in idx)
+    d = prepared[idx[0]][0].shape[1]
+    t = tasks_per_batch
+    x_tr = np.zeros((t, ntr, d), np.float32)
+    y_tr = np.zeros((t, ntr), np.int32)
+    m_tr = np.zeros((t, ntr), np.float32)
+    x_ev = np.zeros((t, nev, d), np.float32)
+    y_ev = np.zeros((t, nev), np.int32)
+    s_ev = np.full((t, nev), -1, np.int32)
+    cm = np.zeros((t, c), bool)
+    for j, i in enumerate(idx):
+      a, ya, b, yb, sb, nc = prepared[i]
+      x_tr[j, :len(ya)], y_tr[j, :len(ya)], m_tr[j, :len(ya)] = a, ya, 1
+      x_ev[j, :len(yb)], y_ev[j, :len(yb)], s_ev[j, :len(yb)] = b, yb, sb
+      cm[j, :nc] = True
+    va, te = _probe_batch(x_tr, y_tr, m_tr, x_ev, y_ev, s_ev, cm, l2s,
+                          float(lr), steps=int(steps))
+    va, te = np.asarray(va), np.asarray(te)
+    for j, i in enumerate(idx):
+      best = int(np.argmax(va[j]))
+      out[i] = {"test_acc": 100.0 * float(te[j, best]),
+                "val_acc": 100.0 * float(va[j, best]),
+                "best_l2": float(l2_grid[best])}
+  return out  # type: ignore[return-value]
+
+
+def _cpad(c: int) -> int:
+  return int(math.ceil(c / 4) * 4)
+
+
+def linear_probe_tasks(store: store_lib.FeatureStore, ptm: str,
+                       tasks: Sequence[str], cfg) -> list[dict[str, Any]]:
+  """Linear probe of `ptm` on `tasks` of a store (see `probe_batch`)."""
+  items = []
+  for name in tasks:
+    t = store.task(name)
+    items.append((t.ptm_features(ptm), t.labels, t.split))
+  return probe_batch(items, tuple(cfg.probe.l2_grid), steps=cfg.probe.steps,
+                     lr=cfg.probe.lr,
+                     tasks_per_batch=cfg.probe.tasks_per_batch)
+
+
+# ----------------------------------------------------------------------------
+# Fine-tuning.
+
+
+def subsample_stratified(labels: np.ndarray, max_total: int, seed: int
+                         ) -> np.ndarray:
+  """Sorted row indices: at most `max_total` rows, classes kept balanced.
+
+  0 or a cap >= len(labels) keeps everything. Every class keeps at least one
+  row; the order within a class is a seeded permutation.
+  """
+  n = len(labels)
+  if not max_total or max_total >= n:
+    return np.arange(n)
+  classes = np.unique(labels)
+  per = max(1, max_total // len(classes))
+  rng = np.random.default_rng(seed)
+  keep = []
+  for c in classes:
+    rows = np.flatnonzero(labels == c)
+    keep.append(rows[rng.permutation(len(rows))[:per]])
+  return np.sort(np.concatenate(keep))
+
+
+def finetune_settings(cfg, spec) -> dict[str, Any]:
+  """lrs / epochs / max_train for a PTM (EfficientNets get the `big_` ones)."""
+  f = cfg.finetune
+  big = spec.family == "efficientnet_lite"
+  return {"lrs": tuple(float(v) for v in (f.big_lrs if big else
+                                          f.local_lrs)),
+          "epochs": int(f.big_epochs if big else f.local_epochs),
+          "max_train": int(f.big_max_train if big else f.local_max_train),
+          "batch_size": int(f.batch_size), "seed": int(f.seed)}
+
+
+def finetune_cell(loaded, pool, settings: Mapping[str, Any]
+                  ) -> dict[str, Any]:
+  """Fine-tunes one PTM on one target pool; accuracies in percent."""
+  tr, va, te = (pool.split == k for k in (0, 1, 2))
+  rows = np.flatnonzero(tr)[subsample_stratified(
+      pool.labels[tr], settings["max_train"], settings["seed"])]
+  y = pool.labels.astype(np.int32)
+  res = finetune_lib.finetune(
+      loaded, pool.images[rows], y[rows], pool.images[va], y[va],
+      pool.images[te], y[te], lrs=settings["lrs"],
+      epochs=settings["epochs"], seed=settings["seed"],
+      batch_size=settings["batch_size"], num_classes=pool.num_classes)
+  return {
+      "test_acc": 100.0 * res["test_acc"], "best_lr": res["best_lr"],
+      "val_acc_per_lr": {str(k): 100.0 * v for k, v in res["val_acc"].items()},
+      "test_acc_per_lr": {str(k): 100.0 * v
+                          for k, v in res["test_acc_per_lr"].items()},
+      "seconds": res["seconds"], "num_train": int(len(rows)),
+      "num_val": int(va.sum()), "num_test": int(te.sum())}
+
+
+CELL_FIELDS = ("target", "ptm", "test_acc", "best_lr", "val_acc_per_lr",
+               "test_acc_per_lr", "seconds", "lrs", "epochs", "max_train",
+               "num_train", "num_val", "num_test", "batch_size", "seed",
+               "cell_hash")
+
+
+def _read_cells(path: pathlib.Path) -> dict[tuple[str, str], dict]:
+  if not path.exists():
+    return {}
+  with open(path, newline="") as f:
+    return {(r["target"], r["ptm"]): r for r in csv.DictReader(f)}
+
+
+def _append_cell(path: pathlib.Path, row: Mapping[str, Any]) -> None:
+  new = not path.exists()
+  path.parent.mkdir(parents=True, exist_ok=True)
+  with open(path, "a", newline="") as f:
+    w = csv.DictWriter(f, fieldnames=CELL_FIELDS, lineterminator="\n")
+    if new:
+      w.writeheader()
+    w.writerow({k: (json.dumps(v) if isinstance(v, (dict, list, tuple))
+                    else v) for k, v in row.items()})
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def cell_hash(cfg, zoo_hash: str, pool_sha: str, settings) -> str:
+  return hashlib.sha256(json.dumps(
+      {"zoo": zoo_hash, "pool": pool_sha, "settings": settings,
+       "image_size": cfg.zoo.image_size}, sort_keys=True).encode()
+                        ).hexdigest()[:12]
+
+
+def run_finetune(cfg, pools, reg, zoo, results_dir: pathlib.Path, *,
+                 cells: Sequence[tuple[str, str]] | None = None,
+                 deadline: float | None = None,
+                 log: Callable[[str], None] = print) -> dict[tuple, dict]:
+  """Fine-tunes every (target, fine-tunable PTM) cell not yet in the table.
+
+  Cells are appended to `results_dir/finetune_cells.csv` as they finish;
+  a cell already there with the same cell hash is skipped. Order: PTM-major,
+  by `cfg.finetune.order`.
+
+  Args:
+    cells: restrict to these (target, ptm) pairs.
+    deadline: time.time() after which no new cell starts.
+
+  Returns:
+    {(target, ptm): row} of all finished cells (old and new).
+  """
+  path = results_dir / "finetune_cells.csv"
+  done = _read_cells(path)
+  ptms = [n for n, s in reg.items() if s.fine_tunable
+          and n not in tuple(cfg.finetune.skip)]
+  # `finetune.order` lists PTM names or families, earliest first (cheap
+  # architectures interleaved over pretraining sources, so a run stopped
+  # early still has whole columns for every source); the rest come last.
+  order = list(cfg.finetune.get("order", ()))
+
+  def rank(n):
+    for i, key in enumerate(order):
+      if key in (n, reg[n].family):
+        return i
+    return len(order)
+
+  ptms.sort(key=rank)
+  for name in ptms:
+    spec = reg[name]
+    settings = finetune_settings(cfg, spec)
+    zh = zoo[name]["config_hash"] if name in zoo else spec.weight_group
+    todo = []
+    for target in cfg.pools.targets:
+      if cells is not None and (target, name) not in cells:
+        continue
+      h = cell_hash(cfg, zh, extract.pool_hash(pools[target]), settings)
+      if (target, name) in done and done[(target, name)]["cell_hash"] == h:
+        continue
+      todo.append((target, h))
+    if not todo:
+      continue
+    loaded = spec.load()
+    for target, h in todo:
+      if deadline is not None and time.time() > deadline:
+        log(f"finetune: deadline reached before {target} x {name}")
+        return _read_cells(path)
+      r = finetune_cell(loaded, pools[target], settings)
+      row = {"target": target, "ptm": name, **r, "lrs": settings["lrs"],
+             "epochs": settings["epochs"],
+             "max_train": settings["max_train"],
+             "batch_size": settings["batch_size"], "seed": settings["seed"],
+             "cell_hash": h}
+      _append_cell(path, row)
+      log(f"finetune: {target} x {name}: {r['test_acc']:.1f}% "
+          f"(lr {r['best_lr']}, {r['seconds']:.1f}s)")
+  return _read_cells(path)
+
+
+# ----------------------------------------------------------------------------
+# Tables and summary.
+
+
+def _write_wide(path: pathlib.Path, rows: Sequence[str],
+                cols: Sequence[str], get: Callable[[str, str], Any],
+                corner: str = "target") -> None:
+  lines = [",".join([corner, *cols])]
+  for r in rows:
+    vals = []
+    for c in cols:
+      v = get(r, c)
+      vals.append("" if v is None or (isinstance(v, float) and not
+                                       np.isfinite(v)) else f"{v:.6g}")
+    lines.append(",".join([r, *vals]))
+  store_lib.atomic_write_text(path, "\n".join(lines) + "\n")
+
+
+def summarize(gt_targets: Mapping[str, Mapping[str, float]],
+              lp_targets: Mapping[str, Mapping[str, float]],
+              lp_train: Mapping[str, Mapping[str, float]],
+              ptms: Sequence[str],
+              ft_ptms: Sequence[str]) -> dict[str, Any]:
+  """Best PTM per target, constant-prior tau, fine-tune/probe agreement."""
+  targets = list(gt_targets)
+  best = {t: max(ptms, key=lambda m: gt_targets[t][m]) for t in targets}
+  counts: dict[str, int] = {}
+  for m in best.values():
+    counts[m] = counts.get(m, 0) + 1
+  train_rows = np.array([[lp_train[t][m] for m in ptms] for t in lp_train])
+  prior = metrics.constant_prior(train_rows)
+  taus = {t: metrics.weighted_tau(np.array([gt_targets[t][m] for m in ptms]),
+                                  prior) for t in targets}
+  agree = {}
+  for t in targets:
+    ft = [m for m in ft_ptms if m in gt_targets[t]]
+    if len(ft) >= 3:
+      a = np.array([gt_targets[t][m] for m in ft])
+      b = np.array([lp_targets[t][m] for m in ft])
+      agree[t] = {"weighted_tau": metrics.weighted_tau(a, b),
+                  "spearman": float(scipy.stats.spearmanr(a, b).statistic),
+                  "same_best": bool(ft[int(np.argmax(a))]
+                                    == ft[int(np.argmax(b))])}
+  mean = lambda xs: float(np.mean(xs)) if len(xs) else float("nan")
+  return {
+      "best_ptm_per_target": {t: {"ptm": best[t],
+                                  "acc": gt_targets[t][best[t]]}
+                              for t in targets},
+      "times_best": dict(sorted(counts.items(), key=lambda kv: -kv[1])),
+      "max_times_best": max(counts.values()) if counts else 0,
+      "no_ptm_best_on_more_than_half": (max(counts.values()) <= len(targets)
+                                        / 2) if counts else True,
+      "constant_prior": dict(zip(ptms, map(float, prior))),
+      "constant_prior_weighted_tau": {"per_target": taus,
+                                      "mean": mean(list(taus.values()))},
+      "finetune_vs_probe": {"per_target": agree, "mean_weighted_tau": mean(
+          [v["weighted_tau"] for v in agree.values()]),
+                            "mean_spearman": mean(
+          [v["spearman"] for v in agree.values()]),
+                            "same_best": sum(v["same_best"]
+                                             for v in agree.values()),
+                            "targets": len(agree)},
+  }
+
+
+# ----------------------------------------------------------------------------
+# The whole pipeline.
+
+
+def run(cfg, *, deadline: float | None = None,
+        log: Callable[[str], None] = print) -> dict[str, Any]:
+  """Builds the benchmark of `cfg` end to end (see the module docstring).
+
+  Returns:
+    The summary dict (also written to `results_dir/summary.json`).
+  """
+  results = pathlib.Path(cfg.results_dir)
+  results.mkdir(parents=True, exist_ok=True)
+  times: dict[str, float] = {}
+  t0 = time.perf_counter()
+  pools = extract.build_pools(cfg)
+  times["pools_s"] = time.perf_counter() - t0
+
+  t0 = time.perf_counter()
+  zoo = extract.build_zoo(cfg, pools, log=log)
+  times["zoo_s"] = time.perf_counter() - t0
+  times["zoo_train_s_per_ptm"] = {n: z.get("train_seconds")
+                                  for n, z in zoo.items()}
+  reg = extract.build_registry(cfg, zoo)
+  ptms = list(reg)
+
+  t0 = time.perf_counter()
+  path = extract.store_path(cfg, pools, zoo)
+  ex = extract.extract_store(cfg, pools, reg, path, log=log)
+  times["extract_s"] = time.perf_counter() - t0
+  tasks = extract.task_list(cfg, pools)
+  task_names = [t.name for t in tasks]
+  fs = store_lib.FeatureStore(path)
+  if set(fs.task_names()) != set(task_names):
+    # Tasks with ground truth pending (empty cells) until it is computed.
+    w = extract.open_writer(path, cfg, reg,
+                            _gt_meta(cfg, reg, "pending"))
+    extract.add_tasks(w, tasks, pools)
+    w.set_ground_truth({t: {m: float("nan") for m in ptms}
+                        for t in task_names})
+    fs = w.close()
+
+  # --- Linear probe of every PTM on every task (cached per PTM).
+  t0 = time.perf_counter()
+  lp_path = results / "linear_probe_all.json"
+  lp_cache = json.loads(lp_path.read_text()) if lp_path.exists() else {}
+  key = extract.store_hash(cfg, pools, zoo) + json.dumps(
+      cfg.probe.to_dict(), sort_keys=True)
+  if lp_cache.get("key") != key:
+    lp_cache = {"key": key, "ptms": {}, "seconds": {}}
+  for name in ptms:
+    if name in lp_cache["ptms"] and set(lp_cache["ptms"][name]) >= set(
+        task_names):
+      continue
+    t1 = time.perf_counter()
+    res = linear_probe_tasks(fs, name, task_names, cfg)
+    lp_cache["ptms"][name] = {t: r["test_acc"]
+                              for t, r in zip(task_names, res)}
+    lp_cache["seconds"][name] = time.perf_counter() - t1
+    store_lib.atomic_write_json(lp_path, lp_cache)
+    log(f"probe: {name} on {len(task_names)} tasks in "
+        f"{lp_cache['seconds'][name]:.1f}s")
+  times["linear_probe_s"] = time.perf_counter() - t0
+  times["linear_probe_s_per_ptm"] = lp_cache["seconds"]
+  lp = {t: {m: lp_cache["ptms"][m][t] for m in ptms} for t in task_names}
+  targets = list(cfg.pools.targets)
+  train_val = [t.name for t in tasks if t.role != "target"]
+  _write_wide(results / "linear_probe_targets.csv", targets, ptms,
+              lambda t, m: lp[t][m])
+  _write_wide(results / "linear_probe_tasks.csv", train_val, ptms,
+              lambda t, m: lp[t][m], corner="task")
+
+  # Interim store: linear probe everywhere.
+  w = extract.open_writer(path, cfg, reg, _gt_meta(
+      cfg, reg, "linear_probe (fine-tune pending)"))
+  w.set_ground_truth(lp)
+  w.close()
+
+  # --- Fine-tuning of targets.
+  t0 = time.perf_counter()
+  cells = {}
+  if cfg.finetune.enabled:
+    cells = run_finetune(cfg, pools, reg, zoo, results, deadline=deadline,
+                         log=log)
+  times["finetune_s_this_run"] = time.perf_counter() - t0
+  ft_ptms = [n for n, s in reg.items() if s.fine_tunable
+             and n not in tuple(cfg.finetune.skip)]
+  ft = {t: {m: float(cells[(t, m)]["test_acc"]) for m in ft_ptms
+            if (t, m) in cells} for t in targets}
+  ft_secs = {(t, m): float(r["seconds"]) for (t, m), r in cells.items()}
+  _write_wide(results / "finetune_accuracy.csv", targets, ft_ptms,
+              lambda t, m: ft[t].get(m))
+  _write_wide(results / "finetune_seconds.csv", targets, ft_ptms,
+              lambda t, m: ft_secs.get((t, m)))
+  missing = [(t, m) for t in targets for m in ft_ptms if m not in ft[t]]
+  gt_t = {t: {m: (ft[t][m] if m in ft[t] else lp[t][m]) for m in ptms}
+          for t in targets}
+  source = {t: {m: ("finetune" if m in ft[t] else "linear_probe")
+                for m in ptms} for t in targets}
+  _write_wide(results / "ground_truth_targets.csv", targets, ptms,
+              lambda t, m: gt_t[t][m])
+  lines = [",".join(["target", *ptms])] + [
+      ",".join([t, *(source[t][m] for m in ptms)]) for t in targets]
+  store_lib.atomic_write_text(results / "ground_truth_source.csv",
+                              "\n".join(lines) + "\n")
+  status = ("complete" if not missing else
+            f"partial: {len(missing)} fine-tune cells missing, linear probe "
+            "used there")
+  w = extract.open_writer(path, cfg, reg, _gt_meta(cfg, reg, status,
+                                                   source=source))
+  w.set_ground_truth(gt_t)
+  fs = w.close()
+  times["finetune_s_total_cells"] = float(sum(ft_secs.values()))
+
+  summ = summarize(gt_t, {t: lp[t] for t in targets},
+                   {t.name: lp[t.name] for t in tasks if t.role == "train"},
+                   ptms, [m for m in ft_ptms])
+  summary = {
+      "variant": cfg.variant, "store": str(path),
+      "counts": {"ptms": len(ptms), "fine_tunable": len(ft_ptms),
+                 "feature_only": [n for n, s in reg.items()
+                                  if not s.fine_tunable],
+                 "targets": len(targets),
+                 "train_tasks": len(fs.task_names("train")),
+                 "val_tasks": len(fs.task_names("val")),
+                 "pools_extracted": len(fs.meta["pools"])},
+      "ground_truth_status": status,
+      "finetune_cells_missing": [list(c) for c in missing],
+      "times": times,
+      "extract": {k: v for k, v in ex.items() if k != "extracted"},
+      "seconds_per_sample": fs.seconds_per_sample(),
+      "zoo_source_accuracy": {n: z.get("accuracy") for n, z in zoo.items()},
+      **summ,
+  }
+  store_lib.atomic_write_json(results / "summary.json", summary)
+  store_lib.atomic_write_json(results / "config.json", {
+      "config": json.loads(cfg.to_json()),
+      "store": str(path), "store_hash": extract.store_hash(cfg, pools, zoo),
+      "pool_sha256": {n: extract.pool_hash(pools[n]) for n in
+                      list(cfg.pools.targets) + list(cfg.pools.train)
+                      + list(cfg.pools.val)},
+      "zoo": {n: {k: z[k] for k in ("config_hash",)} for n, z in zoo.items()},
+      "seeds": {"pools": cfg.seed, "zoo": cfg.zoo.seed,
+                "tasks": cfg.tasks.seed, "val_tasks": cfg.tasks.seed + 1,
+                "finetune": cfg.finetune.seed},
+      "finetune_settings": {n: finetune_settings(cfg, reg[n])
+                            for n in ft_ptms},
+      "registry": {n: s.describe() for n, s in reg.items()},
+      "jax_version": jax.__version__,
+  })
+  return summary
+
+
+def _gt_meta(cfg, reg, status: str, source=None) -> dict:
+  return {"ground_truth": {
+      "status": status, "units": "accuracy, percent",
+      "targets": "fine-tuned test accuracy (lr chosen on val) for "
+                 "fine-tunable PTMs; linear probe for feature-only PTMs "
+                 f"({[n for n, s in reg.items() if not s.fine_tunable]}) "
+                 f"and skipped ones ({list(cfg.finetune.skip)})",
+      "train_val_tasks": "linear-probe test accuracy (L2 chosen on val)",
+      "target_cell_source": source or {}},
+      "benchmark": {"variant": cfg.variant}}
+
+
+def main(argv):  # pragma: no cover - exercised via the CLI
+  from absl import app  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  if len(argv) > 1:
+    raise app.UsageError("Too many command-line arguments.")
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  logging.set_verbosity(logging.WARNING)
+  cfg = flags.FLAGS.config
+  deadline = None
+  if flags.FLAGS.stop_after_s:
+    deadline = time.time() + flags.FLAGS.stop_after_s
+  summary = run(cfg, deadline=deadline)
+  print(json.dumps({k: summary[k] for k in (
+      "counts", "ground_truth_status", "times", "best_ptm_per_target",
+      "times_best", "constant_prior_weighted_tau", "finetune_vs_probe")},
+                   indent=1, default=str))
+
+
+if __name__ == "__main__":
+  from absl import app  # pylint: disable=g-import-not-at-top
+  from absl import flags as absl_flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  config_flags.DEFINE_config_file("config", None, "Benchmark config.",
+                                  lock_config=True)
+  absl_flags.DEFINE_integer("stop_after_s", 0, "Start no new fine-tune cell "
+                            "after this many seconds (0: no limit); rerun "
+                            "the same command to finish the rest.")
+  absl_flags.mark_flags_as_required(["config"])
+  app.run(main)

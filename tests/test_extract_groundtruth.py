@@ -1,0 +1,190 @@
+"""The `:tiny` offline benchmark: zoo, extraction, store, ground truth.
+
+Builds configs/bench.py:tiny end to end into a temporary cache (pools,
+2 local PTMs, EfficientNet-Lite0 at 32 px, 3 targets, 20 + 4 sampled tasks),
+then checks the store, resumability, the linear probe and that fine-tune
+cells reproduce.
+"""
+
+import csv
+import json
+import pathlib
+
+import numpy as np
+import pytest
+
+from configs import bench as bench_config
+from spider_jax import groundtruth
+from spider_jax.data import FeatureStore
+from spider_jax.zoo import extract
+from spider_jax.zoo import finetune as finetune_lib
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+  root = tmp_path_factory.mktemp("bench")
+  cfg = bench_config.get_config("tiny")
+  cfg.cache_dir = str(root / "cache")
+  cfg.results_dir = str(root / "results")
+  summary = groundtruth.run(cfg, log=lambda s: None)
+  return cfg, summary
+
+
+def test_tiny_store_is_valid(tiny):
+  cfg, summary = tiny
+  store = FeatureStore(summary["store"])
+  pools = extract.build_pools(cfg)
+  zoo = extract.build_zoo(cfg, pools, log=lambda s: None)
+  reg = extract.build_registry(cfg, zoo)
+  assert list(store.ptm_names) == list(reg)
+  assert len(reg) == 3
+  assert store.encoder_name == "efficientnet_lite0"
+  assert store.encoder_dim == 1280
+  assert len(store.task_names("target")) == 3
+  assert len(store.task_names("train")) == cfg.tasks.num_train
+  assert len(store.task_names("val")) == cfg.tasks.num_val
+  gt = store.ground_truth()
+  for name in store.task_names():
+    t = store.task(name)
+    assert t.generic.shape == (len(t.labels), 1280)
+    for ptm in store.ptm_names:
+      f = t.ptm_features(ptm)
+      assert f.shape == (len(t.labels), reg[ptm].feature_dim)
+      p = t.source_probs(ptm)
+      assert p.shape == (len(t.labels), reg[ptm].head_classes)
+      np.testing.assert_allclose(p.sum(1), 1.0, atol=1e-4)
+    assert np.all(np.isfinite(gt.row(name)))
+  sps = store.seconds_per_sample()
+  assert set(sps) == set(reg) | {"encoder"}
+  assert all(v > 0 for v in sps.values())
+  assert store.meta["ground_truth"]["status"] == "complete"
+  # Feature-only / skipped PTMs fall back to the linear probe, and say so.
+  src = store.meta["ground_truth"]["target_cell_source"]
+  assert src["mnist5k"]["efficientnet_lite0"] == "linear_probe"
+  assert src["mnist5k"]["mlp@fashion_0_4"] == "finetune"
+  # Generic features are the zoo member's (shared weights, same input).
+  t = store.task("mnist5k")
+  np.testing.assert_array_equal(t.generic, t.ptm_features("efficientnet_lite0"))
+
+
+def test_probs_match_registry(tiny):
+  cfg, summary = tiny
+  store = FeatureStore(summary["store"])
+  pools = extract.build_pools(cfg)
+  zoo = extract.build_zoo(cfg, pools, log=lambda s: None)
+  reg = extract.build_registry(cfg, zoo)
+  x = pools["mnist5k"].images[:8]
+  for name in ("cnn_s@font_latin_upper", "efficientnet_lite0"):
+    loaded = reg[name].load()
+    np.testing.assert_allclose(
+        store.task("mnist5k").source_probs(name)[:8],
+        np.asarray(loaded.probs(x)), atol=1e-4)
+    np.testing.assert_allclose(
+        store.task("mnist5k").ptm_features(name)[:8],
+        np.asarray(loaded.features(x)), atol=1e-3, rtol=1e-3)
+
+
+def test_resumable(tiny):
+  cfg, summary = tiny
+  path = pathlib.Path(summary["store"])
+  cells = pathlib.Path(cfg.results_dir) / "finetune_cells.csv"
+  n_cells = len(cells.read_text().splitlines())
+  before = FeatureStore(path).task("fashion_5_9").ptm_features(
+      "mlp@fashion_0_4")
+  # A second full run skips everything.
+  again = groundtruth.run(cfg, log=lambda s: None)
+  assert again["extract"]["skipped"] and not again["extract"].get("extracted")
+  assert len(cells.read_text().splitlines()) == n_cells
+  # A run interrupted after some pools redoes only the missing pool.
+  meta = json.loads((path / "meta.json").read_text())
+  meta["pools"].pop("fashion_5_9")
+  (path / "meta.json").write_text(json.dumps(meta))
+  pools = extract.build_pools(cfg)
+  zoo = extract.build_zoo(cfg, pools, log=lambda s: None)
+  assert not any(z["trained"] for z in zoo.values())
+  reg = extract.build_registry(cfg, zoo)
+  ex = extract.extract_store(cfg, pools, reg, path, log=lambda s: None)
+  assert ex["extracted"] == ["fashion_5_9"]
+  after = FeatureStore(path).task("fashion_5_9").ptm_features(
+      "mlp@fashion_0_4")
+  np.testing.assert_allclose(before, after, atol=1e-5)
+  assert FeatureStore(path).task_names("train")  # tasks and GT kept
+
+
+def test_linear_probe_beats_chance(tiny):
+  cfg, summary = tiny
+  store = FeatureStore(summary["store"])
+  gt = store.ground_truth()
+  for ptm in store.ptm_names:
+    accs, chance = [], []
+    for name in store.task_names("train") + store.task_names("val"):
+      accs.append(gt.row(name, [ptm])[0])
+      chance.append(100.0 / store.task(name).num_classes)
+    assert np.mean(accs) > np.mean(chance) + 10, ptm
+
+
+def test_batched_probe_matches_single(tiny):
+  cfg, summary = tiny
+  store = FeatureStore(summary["store"])
+  names = store.task_names("train")[:3]
+  items, singles = [], []
+  for name in names:
+    t = store.task(name)
+    f = t.ptm_features("cnn_s@font_latin_upper")
+    items.append((f, t.labels, t.split))
+    m = [t.mask(s) for s in ("train", "val", "test")]
+    singles.append(100 * finetune_lib.linear_probe(
+        f[m[0]], t.labels[m[0]], f[m[1]], t.labels[m[1]], f[m[2]],
+        t.labels[m[2]], tuple(cfg.probe.l2_grid), steps=cfg.probe.steps,
+        lr=cfg.probe.lr, num_classes=t.num_classes))
+  batched = groundtruth.probe_batch(items, tuple(cfg.probe.l2_grid),
+                                    steps=cfg.probe.steps, lr=cfg.probe.lr,
+                                    tasks_per_batch=4)
+  for b, s in zip(batched, singles):
+    assert abs(b["test_acc"] - s) <= 1.0 + 1e-6
+
+
+def _rows(path):
+  with open(path, newline="") as f:
+    return list(csv.DictReader(f))
+
+
+def test_finetune_cells_reproduce(tiny):
+  cfg, _ = tiny
+  rows = _rows(pathlib.Path(cfg.results_dir) / "finetune_cells.csv")
+  pools = extract.build_pools(cfg)
+  zoo = extract.build_zoo(cfg, pools, log=lambda s: None)
+  reg = extract.build_registry(cfg, zoo)
+  for r in rows[:2]:
+    spec = reg[r["ptm"]]
+    res = groundtruth.finetune_cell(spec.load(), pools[r["target"]],
+                                    groundtruth.finetune_settings(cfg, spec))
+    assert abs(res["test_acc"] - float(r["test_acc"])) <= 1.0
+
+
+def test_committed_full_table_reproduces():
+  """Recomputes committed full-benchmark cells of the cheapest PTM (mlp),
+  training that zoo member first when the cache does not hold it."""
+  path = REPO / "results" / "bench" / "full" / "finetune_cells.csv"
+  assert path.exists(), f"missing committed table {path}"
+  cfg = bench_config.get_config("full")
+  rows = [r for r in _rows(path) if r["ptm"].startswith("mlp@")][:2]
+  assert rows, "the committed table has no mlp cells"
+  pools = extract.build_pools(cfg)
+  from spider_jax.zoo import registry  # pylint: disable=g-import-not-at-top
+  for r in rows:
+    src = r["ptm"].split("@", 1)[1]
+    c = cfg.copy_and_resolve_references()
+    with c.unlocked():
+      c.zoo.local = [f"mlp@{src}_pretrain"]
+    zoo = extract.build_zoo(c, pools, log=lambda s: None)
+    entry = zoo[r["ptm"]]
+    spec = registry.local_spec(pathlib.Path(entry["dir"]), name=r["ptm"])
+    settings = groundtruth.finetune_settings(cfg, spec)
+    assert groundtruth.cell_hash(
+        cfg, entry["config_hash"], extract.pool_hash(pools[r["target"]]),
+        settings) == r["cell_hash"], "the committed cell used other settings"
+    res = groundtruth.finetune_cell(spec.load(), pools[r["target"]], settings)
+    assert abs(res["test_acc"] - float(r["test_acc"])) <= 1.0, r
