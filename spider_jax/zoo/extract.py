@@ -226,22 +226,6 @@ def features_and_probs(loaded: registry_lib.LoadedPTM
   return lambda x: (loaded.features(x), None if probs is None else probs(x))
 
 
-def _run_batched(fn, images: np.ndarray, batch_size: int):
-  """fn over fixed-size padded batches -> (features, probs|None)."""
-  fs, ps = [], []
-  for i in range(0, len(images), batch_size):
-    xb = images[i:i + batch_size]
-    n = len(xb)
-    if n < batch_size:
-      xb = np.concatenate([xb, np.zeros((batch_size - n,) + xb.shape[1:],
-                                        xb.dtype)])
-    f, p = fn(xb)
-    fs.append(np.asarray(f, np.float32)[:n])
-    if p is not None:
-      ps.append(np.asarray(p, np.float32)[:n])
-  return np.concatenate(fs), (np.concatenate(ps) if ps else None)
-
-
 def store_hash(cfg, pools: Mapping[str, builders.Pool],
                zoo: Mapping[str, dict]) -> str:
   """Content hash of everything the store's features and tasks depend on."""
@@ -301,9 +285,9 @@ def measure_seconds_per_sample(cfg, reg, images: np.ndarray,
     bs = (cfg.extract.onnx_batch_size if loaded.model is None
           else cfg.extract.batch_size)
     x = images[:max(n, bs)]
-    _run_batched(fn, x[:bs], bs)
+    registry_lib.run_batched(fn, x[:bs], bs)
     t0 = time.perf_counter()
-    _run_batched(fn, x, bs)
+    registry_lib.run_batched(fn, x, bs)
     out[name] = (time.perf_counter() - t0) / len(x)
   if shared:
     out["encoder"] = out[shared[0]]
@@ -365,7 +349,8 @@ def extract_store(cfg, pools: Mapping[str, builders.Pool],
     fns[mname] = features_and_probs(loaded)
     bss[mname] = (cfg.extract.onnx_batch_size if loaded.model is None
                   else cfg.extract.batch_size)
-    _run_batched(fns[mname], pools[todo[0]].images[:bss[mname]], bss[mname])
+    registry_lib.run_batched(fns[mname],
+                             pools[todo[0]].images[:bss[mname]], bss[mname])
     t_run[mname], n_run[mname] = 0.0, 0
   enc_key = shared[0] if shared else "__encoder__"
   total = sum(len(pools[n].labels) for n in todo) * len(members)
@@ -375,7 +360,7 @@ def extract_store(cfg, pools: Mapping[str, builders.Pool],
     feats, probs = {}, {}
     for mname, spec in members:
       t0 = time.perf_counter()
-      f, p = _run_batched(fns[mname], pool.images, bss[mname])
+      f, p = registry_lib.run_batched(fns[mname], pool.images, bss[mname])
       t_run[mname] += time.perf_counter() - t0
       n_run[mname] += len(pool.images)
       feats[mname] = f

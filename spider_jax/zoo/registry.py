@@ -41,7 +41,7 @@ from spider_jax.zoo import onnx_adapter
 __all__ = ["PTMSpec", "LoadedPTM", "GENERIC_ENCODER", "DEFAULT_IMAGE_SIZE",
            "default_registry", "efficientnet_spec", "open_nsfw_spec",
            "local_spec", "shares_weights", "generic_encoder",
-           "extract_features", "to_gray", "to_rgb"]
+           "extract_features", "run_batched", "to_gray", "to_rgb"]
 
 GENERIC_ENCODER = "efficientnet_lite0"
 DEFAULT_IMAGE_SIZE = 64
@@ -300,26 +300,34 @@ def generic_encoder(registry: dict[str, PTMSpec] | None = None,
   return {"spec": spec, "shares_weights_with": shared}
 
 
-def extract_features(fn: Callable[[jax.Array], jax.Array],
-                     images: np.ndarray, batch_size: int = 128
-                     ) -> np.ndarray:
-  """Applies a jittable [B, ...] -> [B, D] fn in fixed-size padded batches.
+def run_batched(fn: Callable, images: np.ndarray, batch_size: int = 128):
+  """Applies a jittable fn of [B, ...] images in fixed-size padded batches.
 
   Args:
-    fn: e.g. `LoadedPTM.features`.
+    fn: images [B, H, W, C] -> an array [B, D] or a pytree of them (None
+      leaves allowed, e.g. (features, None) for a PTM without a head).
     images: [N, H, W, C] uint8.
     batch_size: every call sees exactly this batch (one compilation).
 
   Returns:
-    [N, D] float32 numpy.
+    fn's output structure with [N, D] float32 numpy leaves.
   """
   images = np.asarray(images)
-  out = []
+  outs = []
   for i in range(0, len(images), batch_size):
     xb = images[i:i + batch_size]
     n = len(xb)
     if n < batch_size:
       xb = np.concatenate([xb, np.zeros((batch_size - n,) + xb.shape[1:],
                                         xb.dtype)])
-    out.append(np.asarray(fn(xb))[:n])
-  return np.concatenate(out).astype(np.float32)
+    outs.append(jax.tree.map(lambda a, n=n: np.asarray(a, np.float32)[:n],
+                             fn(xb)))
+  return jax.tree.map(lambda *parts: np.concatenate(parts), *outs)
+
+
+def extract_features(fn: Callable[[jax.Array], jax.Array],
+                     images: np.ndarray, batch_size: int = 128
+                     ) -> np.ndarray:
+  """[N, D] float32 features of a jittable [B, ...] -> [B, D] fn (e.g.
+  `LoadedPTM.features`), computed in fixed-size padded batches."""
+  return run_batched(fn, images, batch_size)
