@@ -50,7 +50,6 @@ from typing import Any, Callable, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import scipy.stats
 
 from spider_jax import metrics
@@ -83,31 +82,14 @@ def _probe_batch(x_tr, y_tr, m_tr, x_ev, y_ev, s_ev, cmask, l2s, lr,
   Returns:
     (val acc [T, G], test acc [T, G]).
   """
-  d, c = x_tr.shape[-1], cmask.shape[-1]
-  tx = optax.adam(optax.cosine_decay_schedule(lr, steps))
+  c = cmask.shape[-1]
 
   def task(x, y, m, xe, ye, se, cm):
     neg = jnp.where(cm, 0.0, -1e9)
-    n = jnp.maximum(jnp.sum(m), 1.0)
 
     def fit(l2):
-      params = (jnp.zeros((d, c)), jnp.zeros((c,)))
-
-      def loss_fn(p):
-        w, b = p
-        ce = optax.softmax_cross_entropy_with_integer_labels(
-            x @ w + b + neg, y)
-        return jnp.sum(ce * m) / n + 0.5 * l2 * jnp.sum(w * w)
-
-      def body(carry, _):
-        p, s = carry
-        g = jax.grad(loss_fn)(p)
-        u, s = tx.update(g, s, p)
-        return (optax.apply_updates(p, u), s), None
-
-      (p, _), _ = jax.lax.scan(body, (params, tx.init(params)), None,
-                               length=steps)
-      return p
+      return finetune_lib.probe_fit(x, y, l2, c, steps, lr, row_mask=m,
+                                    class_bias=neg)
 
     w, b = jax.vmap(fit)(l2s)
     logits = jnp.einsum("nd,gdc->gnc", xe, w) + b[:, None] + neg

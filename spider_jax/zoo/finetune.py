@@ -126,16 +126,26 @@ def finetune(ptm: registry_lib.PTMSpec | registry_lib.LoadedPTM,
 
 
 @functools.partial(jax.jit, static_argnames=("num_classes", "steps"))
-def _probe_fit(x, y, l2, num_classes: int, steps: int, lr: float):
-  """Softmax regression for one L2 strength. x [N, D], y [N] -> (W, b)."""
+def probe_fit(x, y, l2, num_classes: int, steps: int, lr: float,
+              row_mask=None, class_bias=None):
+  """Softmax regression for one L2 strength: x [N, D], y [N] -> (W, b).
+
+  Full-batch Adam, lr cosine-decayed over `steps`, zero init. Optional
+  `row_mask` [N] (1 = real row; padding rows are ignored) and `class_bias`
+  [C] (-1e9 for classes a padded task does not have) let padded tasks be
+  fitted in one vmapped batch (groundtruth.probe_batch).
+  """
   d = x.shape[1]
   params = (jnp.zeros((d, num_classes)), jnp.zeros((num_classes,)))
   tx = optax.adam(optax.cosine_decay_schedule(lr, steps))
+  m = jnp.ones(x.shape[:1]) if row_mask is None else row_mask
+  bias = 0.0 if class_bias is None else class_bias
+  n = jnp.maximum(jnp.sum(m), 1.0)
 
   def loss_fn(p):
     w, b = p
-    ce = optax.softmax_cross_entropy_with_integer_labels(x @ w + b, y)
-    return jnp.mean(ce) + 0.5 * l2 * jnp.sum(w * w)
+    ce = optax.softmax_cross_entropy_with_integer_labels(x @ w + b + bias, y)
+    return jnp.sum(ce * m) / n + 0.5 * l2 * jnp.sum(w * w)
 
   def body(carry, _):
     p, s = carry
@@ -151,7 +161,7 @@ def _probe_fit(x, y, l2, num_classes: int, steps: int, lr: float):
 @functools.partial(jax.jit, static_argnames=("num_classes", "steps"))
 def _probe_grid(x_tr, y_tr, x_va, y_va, x_te, y_te, l2s, num_classes: int,
                 steps: int, lr: float):
-  fit = jax.vmap(lambda l2: _probe_fit(x_tr, y_tr, l2, num_classes, steps,
+  fit = jax.vmap(lambda l2: probe_fit(x_tr, y_tr, l2, num_classes, steps,
                                        lr))
   w, b = fit(l2s)                                    # [G, D, C], [G, C]
 
