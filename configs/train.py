@@ -38,8 +38,22 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
                      "or deep.")
   c = ml_collections.ConfigDict()
   c.variant = variant
-  # A FeatureStore directory; "" = generate the synthetic store in the workdir.
+  # A FeatureStore directory; "" = the benchmark below, if any, else the
+  # synthetic store generated in the workdir.
   c.store = ""
+  # The offline benchmark (configs/bench.py) to build or reuse; variant ""
+  # = none. configs/rank.py sets it for its benchmark variants.
+  c.bench = ml_collections.ConfigDict({"variant": ""})
+  # Which PTMs of the store form the zoo: "all", "fine_tuned" (those whose
+  # target ground truth is fine-tuned accuracy) or "name,name,...".
+  c.ptms = "all"
+  # Pools whose tasks are left out of training, validation and ranking
+  # ("pool,pool,..."; "" = none).
+  c.exclude_pools = ""
+  # PTM-token initialisation: "normal" (N(0, 1), official) or "features"
+  # (from each PTM's own features on training images; train.py
+  # ptm_feature_tokens).
+  c.ptm_init = "normal"
   c.synthetic = ml_collections.ConfigDict(dict(seed=0, num_train=160))
   c.seed = 0
   c.model = model_config(variant)

@@ -280,6 +280,40 @@ def _append_cell(path: pathlib.Path, row: Mapping[str, Any]) -> None:
     os.fsync(f.fileno())
 
 
+def probe_key(cfg, pools, zoo: Mapping[str, dict], name: str) -> str:
+  """Cache key of PTM `name`'s linear-probe results on the config's tasks."""
+  used = list(cfg.pools.train) + list(cfg.pools.val) + list(cfg.pools.targets)
+  return extract.hash_json({
+      "pools": [(n, extract.pool_hash(pools[n])) for n in used],
+      "ptm": zoo[name]["config_hash"] if name in zoo else name,
+      "image_size": cfg.zoo.image_size, "tasks": cfg.tasks.to_dict(),
+      "probe": cfg.probe.to_dict(), "v": extract.CODE_VERSION})[:12]
+
+
+def seed_caches(results: pathlib.Path, source: str, *,
+                log: Callable[[str], None] = print) -> None:
+  """Copies the fine-tune cells and the probe cache of a finished run.
+
+  `source` (config `ground_truth_from`, "" = none) is a results directory
+  such as the committed results/bench/full; a relative path is resolved
+  from the current directory, then from the repository root. Copied
+  entries are used only where their hashes match this build (cell hash,
+  probe key); the rest is recomputed (probe) or reported missing (cells).
+  """
+  if not source:
+    return
+  src = pathlib.Path(source)
+  if not src.is_absolute() and not src.exists():
+    src = pathlib.Path(__file__).resolve().parents[1] / source
+  if not src.is_dir():
+    log(f"ground_truth_from: {source} not found; computing everything.")
+    return
+  for fname in ("finetune_cells.csv", "linear_probe_all.json"):
+    if (src / fname).exists() and not (results / fname).exists():
+      store_lib.atomic_write_text(results / fname, (src / fname).read_text())
+      log(f"ground truth: seeded {results / fname} from {src}")
+
+
 def cell_hash(cfg, zoo_hash: str, pool_sha: str, settings) -> str:
   return hashlib.sha256(json.dumps(
       {"zoo": zoo_hash, "pool": pool_sha, "settings": settings,
@@ -295,7 +329,8 @@ def run_finetune(cfg, pools, reg, zoo, results_dir: pathlib.Path, *,
 
   Cells are appended to `results_dir/finetune_cells.csv` as they finish;
   a cell already there with the same cell hash is skipped. Order: PTM-major,
-  by `cfg.finetune.order`.
+  by `cfg.finetune.order`. With `cfg.finetune.enabled` False nothing is
+  computed: only the cells already in the table are returned.
 
   Args:
     cells: restrict to these (target, ptm) pairs.
@@ -320,6 +355,7 @@ def run_finetune(cfg, pools, reg, zoo, results_dir: pathlib.Path, *,
     return len(order)
 
   ptms.sort(key=rank)
+  expected = {}  # (target, ptm) -> the cell hash of this build.
   for name in ptms:
     spec = reg[name]
     settings = finetune_settings(cfg, spec)
@@ -329,16 +365,18 @@ def run_finetune(cfg, pools, reg, zoo, results_dir: pathlib.Path, *,
       if cells is not None and (target, name) not in cells:
         continue
       h = cell_hash(cfg, zh, extract.pool_hash(pools[target]), settings)
+      expected[(target, name)] = h
       if (target, name) in done and done[(target, name)]["cell_hash"] == h:
         continue
       todo.append((target, h))
-    if not todo:
+    past_deadline = deadline is not None and time.time() > deadline
+    if not todo or not cfg.finetune.enabled or past_deadline:
       continue
     loaded = spec.load()
     for target, h in todo:
       if deadline is not None and time.time() > deadline:
         log(f"finetune: deadline reached before {target} x {name}")
-        return _read_cells(path)
+        break
       r = finetune_cell(loaded, pools[target], settings)
       row = {"target": target, "ptm": name, **r, "lrs": settings["lrs"],
              "epochs": settings["epochs"],
@@ -348,7 +386,8 @@ def run_finetune(cfg, pools, reg, zoo, results_dir: pathlib.Path, *,
       _append_cell(path, row)
       log(f"finetune: {target} x {name}: {r['test_acc']:.1f}% "
           f"(lr {r['best_lr']}, {r['seconds']:.1f}s)")
-  return _read_cells(path)
+  return {c: row for c, row in _read_cells(path).items()
+          if expected.get(c) == row["cell_hash"]}
 
 
 # ----------------------------------------------------------------------------
@@ -369,12 +408,8 @@ def _write_wide(path: pathlib.Path, rows: Sequence[str],
   store_lib.atomic_write_text(path, "\n".join(lines) + "\n")
 
 
-def summarize(gt_targets: Mapping[str, Mapping[str, float]],
-              lp_targets: Mapping[str, Mapping[str, float]],
-              lp_train: Mapping[str, Mapping[str, float]],
-              ptms: Sequence[str],
-              ft_ptms: Sequence[str]) -> dict[str, Any]:
-  """Best PTM per target, constant-prior tau, fine-tune/probe agreement."""
+def _meaningfulness(gt_targets, lp_train, ptms) -> dict[str, Any]:
+  """Best PTM per target, how often each is best, the prior's tau."""
   targets = list(gt_targets)
   best = {t: max(ptms, key=lambda m: gt_targets[t][m]) for t in targets}
   counts: dict[str, int] = {}
@@ -384,6 +419,37 @@ def summarize(gt_targets: Mapping[str, Mapping[str, float]],
   prior = metrics.constant_prior(train_rows)
   taus = {t: metrics.weighted_tau(np.array([gt_targets[t][m] for m in ptms]),
                                   prior) for t in targets}
+  return {
+      "ptms": list(ptms),
+      "best_ptm_per_target": {t: {"ptm": best[t],
+                                  "acc": gt_targets[t][best[t]]}
+                              for t in targets},
+      "times_best": dict(sorted(counts.items(), key=lambda kv: -kv[1])),
+      "max_times_best": max(counts.values()) if counts else 0,
+      "no_ptm_best_on_more_than_half": (max(counts.values()) <= len(targets)
+                                        / 2) if counts else True,
+      "constant_prior": dict(zip(ptms, map(float, prior))),
+      "constant_prior_weighted_tau": {
+          "per_target": taus, "mean": float(np.mean(list(taus.values())))
+          if taus else float("nan")},
+  }
+
+
+def summarize(gt_targets: Mapping[str, Mapping[str, float]],
+              lp_targets: Mapping[str, Mapping[str, float]],
+              lp_train: Mapping[str, Mapping[str, float]],
+              ptms: Sequence[str],
+              ft_ptms: Sequence[str]) -> dict[str, Any]:
+  """Best PTM per target, constant-prior tau, fine-tune/probe agreement.
+
+  The same figures restricted to the fine-tuned PTMs (the zoo that
+  `python -m spider_jax.rank` ranks, `ptms=fine_tuned`) are under
+  "fine_tuned_zoo".
+  """
+  out = _meaningfulness(gt_targets, lp_train, ptms)
+  out["fine_tuned_zoo"] = _meaningfulness(
+      gt_targets, lp_train, [m for m in ptms if m in ft_ptms])
+  targets = list(gt_targets)
   agree = {}
   for t in targets:
     ft = [m for m in ft_ptms if m in gt_targets[t]]
@@ -396,16 +462,7 @@ def summarize(gt_targets: Mapping[str, Mapping[str, float]],
                                     == ft[int(np.argmax(b))])}
   mean = lambda xs: float(np.mean(xs)) if len(xs) else float("nan")
   return {
-      "best_ptm_per_target": {t: {"ptm": best[t],
-                                  "acc": gt_targets[t][best[t]]}
-                              for t in targets},
-      "times_best": dict(sorted(counts.items(), key=lambda kv: -kv[1])),
-      "max_times_best": max(counts.values()) if counts else 0,
-      "no_ptm_best_on_more_than_half": (max(counts.values()) <= len(targets)
-                                        / 2) if counts else True,
-      "constant_prior": dict(zip(ptms, map(float, prior))),
-      "constant_prior_weighted_tau": {"per_target": taus,
-                                      "mean": mean(list(taus.values()))},
+      **out,
       "finetune_vs_probe": {"per_target": agree, "mean_weighted_tau": mean(
           [v["weighted_tau"] for v in agree.values()]),
                             "mean_spearman": mean(
@@ -429,6 +486,7 @@ def run(cfg, *, deadline: float | None = None,
   """
   results = pathlib.Path(cfg.results_dir)
   results.mkdir(parents=True, exist_ok=True)
+  seed_caches(results, cfg.get("ground_truth_from", ""), log=log)
   times: dict[str, float] = {}
   t0 = time.perf_counter()
   pools = extract.build_pools(cfg)
@@ -458,23 +516,24 @@ def run(cfg, *, deadline: float | None = None,
                         for t in task_names})
     fs = w.close()
 
-  # --- Linear probe of every PTM on every task (cached per PTM).
+  # --- Linear probe of every PTM on every task (cached per PTM, keyed by
+  # everything that PTM's results depend on).
   t0 = time.perf_counter()
   lp_path = results / "linear_probe_all.json"
   lp_cache = json.loads(lp_path.read_text()) if lp_path.exists() else {}
-  key = extract.store_hash(cfg, pools, zoo) + json.dumps(
-      cfg.probe.to_dict(), sort_keys=True)
-  if lp_cache.get("key") != key:
-    lp_cache = {"key": key, "ptms": {}, "seconds": {}}
+  lp_cache = {k: dict(lp_cache.get(k, {})) for k in ("keys", "ptms",
+                                                     "seconds")}
   for name in ptms:
-    if name in lp_cache["ptms"] and set(lp_cache["ptms"][name]) >= set(
-        task_names):
+    key = probe_key(cfg, pools, zoo, name)
+    if lp_cache["keys"].get(name) == key and set(
+        lp_cache["ptms"].get(name, ())) >= set(task_names):
       continue
     t1 = time.perf_counter()
     res = linear_probe_tasks(fs, name, task_names, cfg)
     lp_cache["ptms"][name] = {t: r["test_acc"]
                               for t, r in zip(task_names, res)}
     lp_cache["seconds"][name] = time.perf_counter() - t1
+    lp_cache["keys"][name] = key
     store_lib.atomic_write_json(lp_path, lp_cache)
     log(f"probe: {name} on {len(task_names)} tasks in "
         f"{lp_cache['seconds'][name]:.1f}s")
@@ -496,10 +555,8 @@ def run(cfg, *, deadline: float | None = None,
 
   # --- Fine-tuning of targets.
   t0 = time.perf_counter()
-  cells = {}
-  if cfg.finetune.enabled:
-    cells = run_finetune(cfg, pools, reg, zoo, results, deadline=deadline,
-                         log=log)
+  cells = run_finetune(cfg, pools, reg, zoo, results, deadline=deadline,
+                       log=log)
   times["finetune_s_this_run"] = time.perf_counter() - t0
   ft_ptms = [n for n, s in reg.items() if s.fine_tunable
              and n not in tuple(cfg.finetune.skip)]

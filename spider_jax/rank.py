@@ -1,28 +1,39 @@
 """`python -m spider_jax.rank`: rank every PTM for every target task.
 
-With no arguments it uses configs/rank.py (default variant): the built-in
-synthetic FeatureStore (generated in ./runs/default/store), trains the ranker
-there if ./runs/default/checkpoints holds none, ranks the target tasks with
-the re-ranking depth chosen on validation tasks, and prints weighted tau,
-rel@1 and top-1 regret per task and on average for Model Spider beside the
-constant prior (mean training rank) and a random ranking.
+With no arguments it uses configs/rank.py (default variant): it builds or
+reuses the cached offline benchmark (configs/bench.py:default, 19 PTMs,
+10 target tasks, ground truth = the committed fine-tune table), trains the
+ranker on the benchmark's training tasks if WORKDIR/checkpoints
+(./runs/default) holds none, ranks the target tasks with the re-ranking
+depth chosen on validation tasks, and compares Model Spider (k = 0 and the
+chosen k) with the constant prior (mean training rank), a random ranking and
+the transferability baselines: weighted tau per task, the means of weighted
+tau, rel@1 and top-1 regret, and each method's seconds per task (its own
+compute plus the forward passes it needs).
 
-Outputs in WORKDIR/rank/: rankings.json, rankings.csv (task, method, model,
-score, rank) and metrics.csv (task, method, metric, value).
+Outputs in WORKDIR/rank/: results.md, results.json (everything, including
+scores and ground truth), rankings.csv (task, method, model, score, rank),
+metrics.csv (task, method, metric, value), wtau_per_task.png,
+wtau_vs_time.png and predicted_vs_true.png; baseline scores are cached in
+WORKDIR/rank/cache/ (keyed by the store, zoo, tasks and seed).
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
+import json
 import pathlib
 import time
 
 import jax
 import numpy as np
 from absl import logging
+from tqdm import tqdm
 
 from spider_jax import baselines, checkpoint, metrics
+from spider_jax import report as report_lib
 from spider_jax.data.store import (FeatureStore, atomic_write_json,
                                    atomic_write_text)
 from spider_jax.ranker import Ranker
@@ -143,21 +154,43 @@ def rank(config, workdir) -> dict:
           baselines.random_scores(jax.random.fold_in(key, i), len(ptms))
           for i in range(len(tasks))]), np.zeros(len(tasks)))
     else:
-      def run(method=method):
+      cache = workdir / "rank" / "cache" / f"{method}.json"
+      ckey = baseline_cache_key(store, names, config.seed)
+      hit = json.loads(cache.read_text()) if cache.exists() else {}
+      if hit.get("key") == ckey:  # Scores and times of an earlier run.
+        scores[method] = np.array(hit["scores"], np.float64)
+        seconds[method] = hit["seconds"]
+        continue
+      bar = tqdm(total=len(tasks), desc=method, leave=False,
+                 disable=jax.process_index() != 0)
+
+      def run(method=method, bar=bar):
+        out = []
         with jax.enable_x64(True):  # Baselines match float64 references.
-          return np.stack([baselines.score_zoo(
-              method, t, ptms, key=jax.random.fold_in(key, i))
-                           for i, t in enumerate(tasks)])
+          for i, t in enumerate(tasks):
+            out.append(baselines.score_zoo(method, t, ptms,
+                                           key=jax.random.fold_in(key, i)))
+            bar.update()
+        return np.stack(out)
       timed(method, run, forward_seconds(store, tasks, [ptms] * len(tasks)))
+      bar.close()
+      if jax.process_index() == 0:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(cache, {"key": ckey,
+                                  "scores": scores[method].tolist(),
+                                  "seconds": seconds[method]})
   gt = store.ground_truth()
   report = {"k": k, "checkpoint": str(ckpt), "store": str(store.path),
+            "role": role, "ground_truth_status": store.meta.get(
+                "ground_truth", {}).get("status", "given"),
             "tasks": names, "ptm_names": ptms,
             "methods": list(scores), "seconds_per_task": seconds,
             "scores": {m: s.tolist() for m, s in scores.items()},
-            "metrics": {}, "mean": {}}
+            "ground_truth": {}, "metrics": {}, "mean": {}}
   have_gt = all(t in gt.tasks for t in names)
   if have_gt:
     rows = {n: gt.row(n, store.ptm_names) for n in names}
+    report["ground_truth"] = {n: r.tolist() for n, r in rows.items()}
     for m, s in scores.items():
       per = {n: metrics.task_metrics(rows[n], s[i])
              for i, n in enumerate(names)}
@@ -165,14 +198,29 @@ def rank(config, workdir) -> dict:
       report["mean"][m] = {key: float(np.mean([v[key] for v in per.values()]))
                            for key in next(iter(per.values()))}
   if jax.process_index() == 0:
-    write_outputs(report, workdir / "rank")
+    write_outputs(report, workdir / "rank", plots=config.rank.plots)
   return report
 
 
-def write_outputs(report: dict, out: pathlib.Path) -> None:
-  """rankings.json, rankings.csv and metrics.csv, each written atomically."""
+def baseline_cache_key(store: FeatureStore, tasks, seed: int) -> str:
+  """Key of cached baseline scores: store content, zoo, tasks, seed."""
+  meta = {k: v for k, v in store.meta.items() if k != "ground_truth"}
+  return hashlib.sha256(json.dumps(
+      [str(store.path.resolve()), meta, list(store.ptm_names), list(tasks),
+       seed], sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def write_outputs(report: dict, out: pathlib.Path, plots: bool = True
+                  ) -> None:
+  """results.json, results.md, rankings.csv, metrics.csv and the plots.
+
+  Every file is written to a temporary name and renamed.
+  """
   out.mkdir(parents=True, exist_ok=True)
-  atomic_write_json(out / "rankings.json", report)
+  atomic_write_json(out / "results.json", report)
+  report_lib.write_markdown(report, out)
+  if plots:
+    report_lib.write_plots(report, out)
   buf = io.StringIO()
   w = csv.writer(buf, lineterminator="\n")
   w.writerow(["task", "method", "model", "score", "rank"])
@@ -193,7 +241,7 @@ def write_outputs(report: dict, out: pathlib.Path) -> None:
 
 
 def format_report(report: dict) -> str:
-  """The per-task weighted-tau table and the mean of every metric."""
+  """One row per method: weighted tau per task, the means, time per task."""
   methods = report["methods"]
   if not report["metrics"]:
     lines = ["No ground truth for these tasks; rankings only."]
@@ -201,19 +249,20 @@ def format_report(report: dict) -> str:
       best = report["ptm_names"][int(np.argmax(report["scores"][methods[0]][i]))]
       lines.append(f"{t}: best by {methods[0]} = {best}")
     return "\n".join(lines)
-  width = max(12, max(len(t) for t in report["tasks"]) + 2)
-  head = "weighted tau".ljust(width) + "".join(f"{m:>14}" for m in methods)
-  lines = [head, "-" * len(head)]
-  for t in report["tasks"]:
-    lines.append(t.ljust(width) + "".join(
-        f"{report['metrics'][m][t]['weighted_tau']:>14.3f}" for m in methods))
-  lines.append("-" * len(head))
-  for key, label in (("weighted_tau", "mean wtau"), ("rel@1", "mean rel@1"),
-                     ("regret@1", "mean regret@1")):
-    lines.append(label.ljust(width) + "".join(
-        f"{report['mean'][m][key]:>14.3f}" for m in methods))
-  lines.append("sec/task".ljust(width) + "".join(
-      f"{report['seconds_per_task'][m]['total']:>14.4f}" for m in methods))
+  tasks = report["tasks"]
+  width = max(len(m) for m in methods) + 2
+  short = [t.replace("_target", "")[:7] for t in tasks]
+  head = ("method".ljust(width) + "".join(f"{t:>8}" for t in short)
+          + "".join(f"{h:>10}" for h in ("wtau", "rel@1", "regret", "s/task")))
+  lines = ["weighted tau per task, then means over the tasks", head,
+           "-" * len(head)]
+  for m in methods:
+    mean = report["mean"][m]
+    lines.append(m.ljust(width) + "".join(
+        f"{report['metrics'][m][t]['weighted_tau']:>8.3f}" for t in tasks)
+        + f"{mean['weighted_tau']:>10.3f}{mean['rel@1']:>10.3f}"
+        f"{mean['regret@1']:>10.2f}"
+        f"{report['seconds_per_task'][m]['total']:>10.3g}")
   return "\n".join(lines)
 
 
@@ -228,9 +277,15 @@ def main(argv):
     return
   print(format_report(report))
   out = pathlib.Path(flags.FLAGS.workdir) / "rank"
-  print(f"\nre-ranking depth k={report['k']} (chosen on validation tasks); "
-        f"rankings in {out}/rankings.json, .csv; metrics in "
-        f"{out}/metrics.csv")
+  status = report["ground_truth_status"]
+  if status not in ("complete", "given"):
+    print(f"\nWARNING: ground truth status is {status!r}: some target cells "
+          "are not fine-tuned accuracies (see the store's meta.json).")
+  best = (max(report["methods"], key=lambda m: report["mean"][m][
+      "weighted_tau"]) if report["mean"] else "-")
+  print(f"\nk={report['k']} (chosen on validation tasks); best mean "
+        f"weighted tau: {best}; report: {out}/results.md (and results.json, "
+        "rankings.csv, metrics.csv, *.png)")
 
 
 if __name__ == "__main__":

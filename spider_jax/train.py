@@ -37,17 +37,74 @@ from spider_jax.scoring import Scorer, ZooInfo, score_tasks
 
 def open_or_build_store(config: ml_collections.ConfigDict,
                         workdir: pathlib.Path) -> FeatureStore:
-  """config.store if set, else the synthetic store in WORKDIR/store."""
+  """The store to train on / rank, built first if needed.
+
+  config.store if set; else the offline benchmark config.bench (built or
+  reused by spider_jax.groundtruth.run, results in WORKDIR/bench) when its
+  variant is set; else the synthetic store in WORKDIR/store. The zoo is
+  restricted to `config.ptms` (see `select_ptms`).
+  """
   if config.store:
-    return FeatureStore(config.store)
-  path = workdir / "store"
-  if not (path / "meta.json").exists() and jax.process_index() == 0:
-    spec = SyntheticSpec(seed=config.synthetic.seed,
-                         num_train=config.synthetic.num_train)
-    logging.info("Writing the synthetic store to %s", path)
-    write_synthetic_store(path, spec)
-  sharding.barrier("synthetic_store")  # Others wait for process 0's store.
-  return FeatureStore(path)
+    path = pathlib.Path(config.store)
+  elif config.bench.variant:
+    path = build_benchmark(config.bench, workdir)
+  else:
+    path = workdir / "store"
+    if not (path / "meta.json").exists() and jax.process_index() == 0:
+      spec = SyntheticSpec(seed=config.synthetic.seed,
+                           num_train=config.synthetic.num_train)
+      logging.info("Writing the synthetic store to %s", path)
+      write_synthetic_store(path, spec)
+    sharding.barrier("synthetic_store")  # Others wait for process 0's store.
+  exclude = [p.strip() for p in config.exclude_pools.split(",") if p.strip()]
+  return FeatureStore(path, ptms=select_ptms(FeatureStore(path), config.ptms),
+                      exclude_pools=exclude)
+
+
+def build_benchmark(bench: ml_collections.ConfigDict,
+                    workdir: pathlib.Path) -> pathlib.Path:
+  """Builds or reuses the benchmark store of `bench`; returns its path.
+
+  Process 0 builds (every stage is cached under bench.cache_dir, so a
+  second call only checks hashes); the others wait and open the result.
+  Its summary goes to WORKDIR/bench/summary.json.
+  """
+  from spider_jax import groundtruth  # Heavy imports only when needed.
+  bench = bench.copy_and_resolve_references()
+  with bench.unlocked():
+    bench.results_dir = str(workdir / "bench")
+  path = None
+  if jax.process_index() == 0:
+    path = groundtruth.run(bench, log=lambda m: logging.info("%s", m))["store"]
+    if jax.process_count() > 1:
+      (workdir / "bench" / "store_path.txt").write_text(path)
+  sharding.barrier("benchmark_store")
+  if path is None:
+    path = (workdir / "bench" / "store_path.txt").read_text()
+  return pathlib.Path(path)
+
+
+def select_ptms(store: FeatureStore, spec: str) -> list[str] | None:
+  """The PTM subset named by `spec` (config field `ptms`).
+
+  "all" (or "") = the whole zoo (None); "fine_tuned" = the PTMs whose every
+  target ground-truth cell is a fine-tuned accuracy (the store's
+  meta["ground_truth"]["target_cell_source"], written by
+  spider_jax.groundtruth; feature-only PTMs scored by a linear probe are
+  left out); otherwise a comma-separated list of names.
+  """
+  if spec in ("", "all"):
+    return None
+  if spec == "fine_tuned":
+    source = store.meta.get("ground_truth", {}).get("target_cell_source")
+    if not source:
+      raise ValueError(
+          f"--config.ptms=fine_tuned needs a store written by "
+          f"spider_jax.groundtruth (meta ground_truth.target_cell_source); "
+          f"{store.path} has none. Use --config.ptms=all or a list of names.")
+    return [m for m in store.ptm_names
+            if all(cells.get(m) == "finetune" for cells in source.values())]
+  return [m.strip() for m in spec.split(",") if m.strip()]
 
 
 def zoo_of(store: FeatureStore) -> ZooInfo:
@@ -92,6 +149,49 @@ def make_train_step(graphdef, tx, mesh):
         "loss": loss, "grad_norm": optax.tree.norm(grads)}
 
   return train_step
+
+
+def ptm_feature_tokens(store: FeatureStore, dim: int, *, seed: int,
+                       num_images: int = 256) -> np.ndarray:
+  """[M, dim] initial PTM tokens computed from the PTMs' own features.
+
+  Every PTM embeds the same `num_images` images of the training tasks
+  (seeded choice); its descriptor is the upper triangle of the centred
+  cosine-similarity matrix of those images (what it considers alike,
+  comparable across feature widths). The descriptors are standardised and
+  projected on their principal components; these fill the first
+  min(M - 1, dim) coordinates with unit variance, and the rest is N(0, 1)
+  as in the default initialisation.
+  """
+  rng = np.random.default_rng(seed)
+  names = store.task_names("train")
+  feats = {m: [] for m in store.ptm_names}
+  count = 0
+  for name in rng.permutation(names):
+    task = store.task(str(name))
+    rows = rng.permutation(len(task.labels))[:max(num_images - count, 0)]
+    for m in store.ptm_names:
+      feats[m].append(np.asarray(task.ptm_features(m))[rows])
+    count += len(rows)
+    if count >= num_images:
+      break
+  iu = np.triu_indices(count, k=1)
+  desc = []
+  for m in store.ptm_names:
+    f = np.concatenate(feats[m]).astype(np.float64)
+    f /= np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)
+    g = f @ f.T
+    g -= g.mean(0, keepdims=True) + g.mean(1, keepdims=True) - g.mean()
+    desc.append(g[iu])
+  desc = np.stack(desc)
+  desc = (desc - desc.mean(0)) / np.maximum(desc.std(0), 1e-12)
+  u, sv, _ = np.linalg.svd(desc, full_matrices=False)
+  r = min(len(desc) - 1, dim)
+  pcs = u[:, :r] * sv[:r]
+  pcs /= np.maximum(pcs.std(0), 1e-12)
+  out = rng.standard_normal((len(desc), dim))
+  out[:, :r] = pcs
+  return out.astype(np.float32)
 
 
 def mean_weighted_tau(scores: np.ndarray, gt_rows: np.ndarray) -> float:
@@ -169,6 +269,12 @@ def train(config: ml_collections.ConfigDict, workdir,
       nnx.eval_shape(lambda: build_model(config, zoo, config.seed)))
   init = lambda: nnx.split(build_model(config, zoo, config.seed))[1]
   params = jax.jit(init, out_shardings=rep)()
+  if config.ptm_init == "features":
+    params["ptm_tokens"].value = jax.device_put(
+        ptm_feature_tokens(store, config.model.dim, seed=config.seed), rep)
+  elif config.ptm_init != "normal":
+    raise ValueError(f"unknown --config.ptm_init={config.ptm_init!r}; use "
+                     "normal or features.")
   train_state = {"opt": jax.jit(tx.init, out_shardings=rep)(params),
                  "step": jax.device_put(jnp.zeros((), jnp.int32), rep)}
   abstract = lambda tree: jax.tree.map(

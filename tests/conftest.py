@@ -39,5 +39,5 @@ def small_store(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_config():
-  """configs/rank.py:tiny, unlocked for tests to edit."""
-  return rank_config.get_config("tiny")
+  """configs/rank.py:synthetic_tiny, unlocked for tests to edit."""
+  return rank_config.get_config("synthetic_tiny")

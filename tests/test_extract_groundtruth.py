@@ -188,3 +188,45 @@ def test_committed_full_table_reproduces():
         settings) == r["cell_hash"], "the committed cell used other settings"
     res = groundtruth.finetune_cell(spec.load(), pools[r["target"]], settings)
     assert abs(res["test_acc"] - float(r["test_acc"])) <= 1.0, r
+
+
+def test_rank_tiny_end_to_end(tiny, tmp_path):
+  """`rank --config=configs/rank.py:tiny`: every method, files, cache reuse."""
+  from configs import rank as rank_config
+  from spider_jax import rank as rank_lib
+  cfg_b, _ = tiny
+  cfg = rank_config.get_config("tiny")
+  cfg.bench.cache_dir = cfg_b.cache_dir          # The fixture's build.
+  cfg.bench.ground_truth_from = cfg_b.results_dir
+  report = rank_lib.rank(cfg, tmp_path)
+  k = report["k"]
+  expected = ({"spider(k=0)", f"spider(k={k})"}
+              | set(rank_config.DEFAULT_METHODS.split(",")) - {"spider"})
+  assert set(report["methods"]) == expected
+  assert report["ground_truth_status"] == "complete"
+  assert len(report["tasks"]) == 3 and len(report["ptm_names"]) == 3
+  for m in report["methods"]:
+    for key in ("weighted_tau", "rel@1", "regret@1"):
+      assert np.isfinite(report["mean"][m][key]), (m, key)
+    assert np.all(np.isfinite(report["scores"][m])), m
+    assert report["seconds_per_task"][m]["total"] >= 0
+  # Baselines are charged every PTM's forward pass, Model Spider k=0 only
+  # the generic encoder's.
+  assert (report["seconds_per_task"]["logme"]["forward"]
+          > report["seconds_per_task"]["spider(k=0)"]["forward"])
+  out = tmp_path / "rank"
+  for name in ("results.json", "results.md", "rankings.csv", "metrics.csv",
+               "wtau_per_task.png", "wtau_vs_time.png",
+               "predicted_vs_true.png"):
+    assert (out / name).stat().st_size > 0, name
+  md = (out / "results.md").read_text()
+  assert all(f"| {m} |" in md for m in report["methods"])
+  # Rerun: no retraining, baselines from the cache, the same rankings.
+  ckpts = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+  log_size = (tmp_path / "metrics.jsonl").stat().st_size
+  again = rank_lib.rank(cfg, tmp_path)
+  assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ckpts
+  assert (tmp_path / "metrics.jsonl").stat().st_size == log_size
+  assert again["scores"] == report["scores"]
+  assert again["seconds_per_task"]["logme"] == report["seconds_per_task"][
+      "logme"]  # From the cache, not re-measured.

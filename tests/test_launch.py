@@ -342,13 +342,13 @@ def test_local_dry_run_starts_n_processes(tmp_path):
 def test_local_dry_run_entry_point_and_port(tmp_path):
   cmds = dry(LOCAL, "--port", "12345", "--workdir", tmp_path,
              "--python", "/venv/bin/python", "rank",
-             "--config=configs/rank.py:tiny")
+             "--config=configs/rank.py:synthetic_tiny")
   procs = [c for c in cmds if "spider_jax.rank" in c]
   assert len(procs) == 2
   for i, c in enumerate(procs):
     j = c.index("/venv/bin/python")
     assert c[j:j + 6] == ["/venv/bin/python", "-m", "spider_jax.rank",
-                          "--distributed", "--config=configs/rank.py:tiny",
+                          "--distributed", "--config=configs/rank.py:synthetic_tiny",
                           f"--workdir={tmp_path}"]
     assert c[j + 6:j + 9] == ["--coordinator_address=127.0.0.1:12345",
                               "--num_processes=2", f"--process_id={i}"]

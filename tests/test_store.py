@@ -120,3 +120,32 @@ def test_reads_the_official_reference_table():
   gt = read_ground_truth(ref)
   assert len(gt.models) == 10 and "SUN397" in gt.tasks
   assert gt.row("Aircraft")[gt.models.index("inception_v3")] == 88.8
+
+
+def test_views_select_ptms_and_hide_pools(tmp_path):
+  from spider_jax.train import select_ptms
+  w = StoreWriter(tmp_path / "s", encoder_name="enc", encoder_dim=5,
+                  ptms=PTMS, extra_meta={"ground_truth": {
+                      "target_cell_source": {"t": {"a": "linear_probe",
+                                                   "b": "finetune"}}}})
+  w.add_pool("p", **make_pool())
+  w.add_pool("q", **make_pool(seed=1))
+  w.add_task("t", pool="p", split=np.zeros(12, np.int8), role="target")
+  w.add_task("u", pool="q", split=np.zeros(12, np.int8), role="train")
+  w.set_ground_truth({"t": {"a": 80.0, "b": 70.5},
+                      "u": {"a": 60.0, "b": 65.0}})
+  full = w.close()
+  assert select_ptms(full, "all") is None
+  assert select_ptms(full, "fine_tuned") == ["b"]
+  assert select_ptms(full, " b , a") == ["b", "a"]
+  view = FeatureStore(full.path, ptms=["b"], exclude_pools=["q"])
+  assert view.ptm_names == ("b",) and view.ptm_dims == (6,)
+  assert view.task_names() == ["t"] and view.task_names("train") == []
+  np.testing.assert_allclose(
+      view.ground_truth().row("t", view.ptm_names), [70.5])
+  with pytest.raises(StoreError, match=r"unknown \['zz'\]"):
+    FeatureStore(full.path, ptms=["b", "zz"])
+  with pytest.raises(StoreError, match=r"exclude_pools names \['nope'\]"):
+    FeatureStore(full.path, exclude_pools=["nope"])
+  with pytest.raises(ValueError, match="target_cell_source"):
+    select_ptms(write(tmp_path / "plain"), "fine_tuned")

@@ -67,10 +67,12 @@ def test_ranker_learns_the_planted_ranking(run):
   prior = report["mean"]["prior"]["weighted_tau"]
   assert spider > 0.8, report["mean"]
   assert prior < 0.5, report["mean"]
-  for name in ("rankings.json", "rankings.csv", "metrics.csv"):
+  for name in ("results.json", "results.md", "rankings.csv", "metrics.csv",
+               "wtau_per_task.png", "wtau_vs_time.png",
+               "predicted_vs_true.png"):
     assert (interrupted / "rank" / name).stat().st_size > 0
   text = rank_lib.format_report(report)
-  assert "prior" in text and "mean regret@1" in text
+  assert "prior" in text and "regret" in text
   again = rank_lib.rank(cfg, interrupted)  # Reuses the checkpoint.
   assert again["scores"] == report["scores"]
   with cfg.unlocked():
@@ -159,3 +161,32 @@ def test_unknown_config_key_is_an_error(tmp_path):
   assert out.returncode != 0
   assert "no_such_key" in out.stderr
   assert not any(tmp_path.iterdir())  # Nothing written.
+
+
+def test_ptm_tokens_from_features(small_store):
+  """The "features" PTM-token init: deterministic, finite, unit-variance
+  principal coordinates, blind to the scale of a PTM's features."""
+  from spider_jax.train import ptm_feature_tokens
+  a = ptm_feature_tokens(small_store, 16, seed=0, num_images=64)
+  b = ptm_feature_tokens(small_store, 16, seed=0, num_images=64)
+  m = len(small_store.ptm_names)
+  assert a.shape == (m, 16) and a.dtype == np.float32
+  np.testing.assert_array_equal(a, b)
+  assert np.all(np.isfinite(a))
+  np.testing.assert_allclose(a[:, :m - 1].std(0), 1.0, rtol=1e-5)
+  # The descriptor of a PTM is what it finds alike: rescaling its features
+  # (cosine similarity is scale-free) leaves its coordinates unchanged.
+  class Scaled:
+    def __init__(self, store):
+      self._s = store
+    def __getattr__(self, k):
+      return getattr(self._s, k)
+    def task(self, name):
+      t = self._s.task(name)
+      class T:
+        labels = t.labels
+        def ptm_features(self, p, t=t):
+          return 3.0 * t.ptm_features(p)
+      return T()
+  c = ptm_feature_tokens(Scaled(small_store), 16, seed=0, num_images=64)
+  np.testing.assert_allclose(c[:, :m - 1], a[:, :m - 1], atol=1e-4)

@@ -242,7 +242,17 @@ class TaskData:
 class FeatureStore:
   """Read access to a FeatureStore directory (see the module docstring)."""
 
-  def __init__(self, path: os.PathLike):
+  def __init__(self, path: os.PathLike, ptms: Sequence[str] | None = None,
+               exclude_pools: Sequence[str] = ()):
+    """Opens the store at `path`.
+
+    Args:
+      path: the store directory.
+      ptms: optional subset of the zoo to expose (a view: `ptm_names`,
+        `ptm_dims` and everything built on them see only these PTMs, in
+        store order). None = the whole zoo.
+      exclude_pools: pools whose tasks the view hides (`task_names`).
+    """
     self.path = pathlib.Path(path)
     meta_path = self.path / "meta.json"
     if not meta_path.exists():
@@ -264,6 +274,20 @@ class FeatureStore:
     self.ptms: tuple[PTMInfo, ...] = tuple(
         PTMInfo(p["name"], int(p["dim"]), int(p.get("num_source_classes", 0)))
         for p in meta["ptms"])
+    if ptms is not None:
+      unknown = sorted(set(ptms) - set(self.ptm_names))
+      if unknown or not ptms:
+        raise StoreError(
+            f"PTM subset {list(ptms)!r} of store {self.path}: unknown "
+            f"{unknown} (the store holds {_short(self.ptm_names)}); name "
+            "PTMs of the store.")
+      self.ptms = tuple(p for p in self.ptms if p.name in set(ptms))
+    unknown = sorted(set(exclude_pools) - set(meta.get("pools", {})))
+    if unknown:
+      raise StoreError(f"exclude_pools names {unknown}, which store "
+                       f"{self.path} does not hold (pools: "
+                       f"{_short(meta.get('pools', {}))}).")
+    self.exclude_pools = frozenset(exclude_pools)
     self._gt: GroundTruth | None = None
 
   @property
@@ -279,7 +303,8 @@ class FeatureStore:
     if role is not None and role not in ROLES:
       raise StoreError(f"unknown task role {role!r}; use one of {ROLES}.")
     return [n for n, t in self.meta["tasks"].items()
-            if role is None or t["role"] == role]
+            if (role is None or t["role"] == role)
+            and t["pool"] not in self.exclude_pools]
 
   def ground_truth(self) -> GroundTruth:
     """The store's ground-truth table (cached)."""

@@ -54,7 +54,8 @@ CODE_VERSION = "1"  # Bump when extraction output changes for the same input.
 _LOG = logging.getLogger(__name__)
 
 
-def _hash(obj) -> str:
+def hash_json(obj) -> str:
+  """sha256 hex digest of `obj` as sorted-key JSON."""
   return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()
                         ).hexdigest()
 
@@ -107,7 +108,7 @@ def short_source(pool_name: str) -> str:
 
 def _zoo_config_hash(cfg, arch: str, pool: builders.Pool) -> str:
   z = cfg.zoo
-  return _hash({"arch": arch, "pool": pool.name, "pool_hash": pool_hash(pool),
+  return hash_json({"arch": arch, "pool": pool.name, "pool_hash": pool_hash(pool),
                 "epochs": z.epochs, "batch_size": z.batch_size, "lr": z.lr,
                 "weight_decay": z.weight_decay,
                 "warmup_steps": z.warmup_steps, "seed": z.seed,
@@ -229,7 +230,7 @@ def store_hash(cfg, pools: Mapping[str, builders.Pool],
                zoo: Mapping[str, dict]) -> str:
   """Content hash of everything the store's features and tasks depend on."""
   used = list(cfg.pools.train) + list(cfg.pools.val) + list(cfg.pools.targets)
-  return _hash({
+  return hash_json({
       "pools": {n: pool_hash(pools[n]) for n in used},
       "zoo": {n: z["config_hash"] for n, z in zoo.items()},
       "efficientnet": list(cfg.zoo.efficientnet),
