@@ -89,3 +89,25 @@ def barrier(name: str) -> None:
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices(name)
+
+
+def local_data_mesh(devices=None) -> Mesh:
+  """A 1-D ("data",) mesh over this process's devices (default: all local
+  devices), in the given order. Computations on it involve no other process
+  and no collectives (pure data parallelism), so the physical topology does
+  not matter."""
+  devices = jax.local_devices() if devices is None else list(devices)
+  return Mesh(np.array(devices), ("data",), axis_types=(AxisType.Auto,))
+
+
+def gather_rows(tree):
+  """Concatenates every process's leaves along axis 0, in process order.
+
+  A collective: every process must call it, with leaves of the same shapes
+  and dtypes, and every process gets the full numpy result. Identity (numpy
+  leaves) on one process.
+  """
+  if jax.process_count() == 1:
+    return jax.tree.map(np.asarray, tree)
+  from jax.experimental import multihost_utils
+  return multihost_utils.process_allgather(tree, tiled=True)

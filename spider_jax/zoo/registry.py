@@ -26,14 +26,18 @@ zoo members that share the generic encoder's weights.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
+import weakref
 from typing import Any, Callable, Iterable
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from spider_jax import sharding
 from spider_jax.zoo import ckpt
 from spider_jax.zoo import efficientnet_lite
 from spider_jax.zoo import onnx_adapter
@@ -300,29 +304,164 @@ def generic_encoder(registry: dict[str, PTMSpec] | None = None,
   return {"spec": spec, "shares_weights_with": shared}
 
 
-def run_batched(fn: Callable, images: np.ndarray, batch_size: int = 128):
-  """Applies a jittable fn of [B, ...] images in fixed-size padded batches.
+# --------------------------------------------------------- batched execution
+
+_LOG = logging.getLogger(__name__)
+
+# Primitives that call back into Python on the host (the ONNX members run
+# through `jax.pure_callback`): such fns stay on the plain host loop.
+_HOST_CALLBACKS = frozenset({"pure_callback", "io_callback"})
+# Errors of tracing a fn that is not a JAX function (numpy on its input...).
+_NOT_TRACEABLE = (jax.errors.ConcretizationTypeError,
+                  jax.errors.TracerArrayConversionError,
+                  jax.errors.TracerIntegerConversionError)
+# fn (or the function a `jax.jit` wrapper wraps) -> {(batch shape, dtype,
+# device ids): _Sharded | None (host loop)}. Weak keys: an entry (and its
+# replicated copy of fn's parameters) lives as long as fn does.
+_RUNNERS: "weakref.WeakKeyDictionary[Callable, dict]" = (
+    weakref.WeakKeyDictionary())
+
+
+@dataclasses.dataclass(frozen=True)
+class _Sharded:
+  """fn's jaxpr for one batch shape, jitted over a 1-D local data mesh."""
+
+  run: Callable  # (consts, x) -> flat outputs, batch-sharded.
+  consts: list  # fn's closed-over arrays (parameters), replicated.
+  rows: jax.sharding.NamedSharding  # the batch sharding of inputs.
+  out_tree: Any
+
+  def __call__(self, x: np.ndarray) -> list[jax.Array]:
+    return self.run(self.consts, jax.device_put(x, self.rows))
+
+
+def _has_host_callback(jaxpr) -> bool:
+  if any(e.primitive.name in _HOST_CALLBACKS for e in jaxpr.eqns):
+    return True
+  return any(_has_host_callback(j) for j in jax.extend.core.subjaxprs(jaxpr))
+
+
+def _is_jit_wrapper(fn) -> bool:
+  return hasattr(fn, "lower") and hasattr(fn, "__wrapped__")
+
+
+def _sharded(fn: Callable, x: jax.ShapeDtypeStruct, devices: list
+             ) -> _Sharded | None:
+  """fn jitted over `devices` for batches like `x` (cached), or None when fn
+  must run on the host (not traceable, or it calls back into Python)."""
+  # A fresh `jax.jit(f)` of the same f (e.g. finetune's preprocessing) hits
+  # the same entry, as it hits jit's own caches.
+  key_fn = fn.__wrapped__ if _is_jit_wrapper(fn) else fn
+  try:
+    per_fn = _RUNNERS.setdefault(key_fn, {})
+  except TypeError:  # Not weak-referenceable: no caching across calls.
+    per_fn = {}
+  key = (x.shape, str(x.dtype), tuple(d.id for d in devices))
+  if key not in per_fn:
+    try:
+      closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(x)
+    except _NOT_TRACEABLE:  # e.g. numpy on the input: a host function.
+      closed = None
+    except Exception as e:  # pylint: disable=broad-exception-caught
+      # Whatever else fails under tracing runs as before, eagerly (where a
+      # real error shows up again).
+      _LOG.warning("run_batched: cannot trace %r (%s: %s); running it on "
+                   "the host loop.", fn, type(e).__name__, e)
+      closed = None
+    if closed is None or _has_host_callback(closed.jaxpr):
+      per_fn[key] = None
+    else:
+      # The parameters fn closes over are constants of its jaxpr; passed as
+      # (replicated) arguments instead of being baked into the executable.
+      mesh = sharding.local_data_mesh(devices)
+      rep, rows = sharding.replicated(mesh), sharding.batch_sharded(mesh)
+      jaxpr = closed.jaxpr
+      run = jax.jit(lambda consts, xb: jax.core.eval_jaxpr(jaxpr, consts, xb),
+                    in_shardings=(rep, rows), out_shardings=rows)
+      per_fn[key] = _Sharded(run, jax.device_put(list(closed.consts), rep),
+                             rows, jax.tree.structure(out_shape))
+  return per_fn[key]
+
+
+def run_batched(fn: Callable, images: np.ndarray, batch_size: int = 128, *,
+                devices=None, across_processes: bool = False):
+  """Applies a fn of [B, ...] images in fixed-size padded batches, split over
+  this process's devices and over processes.
+
+  Devices: a JAX fn is traced once per batch shape; its jaxpr is jitted over
+  a 1-D ("data",) mesh of the local devices, each padded batch split along
+  axis 0 (`batch_size` rounded up to a multiple of the device count) and
+  the parameters it closes over replicated (passed as arguments, put on the
+  devices once). One compilation per batch shape, cached per fn (weakly,
+  so keep fn itself, not a fresh bound method or lambda per call). As with
+  `jax.jit`, the arrays fn closes over are captured at its first call for a
+  batch shape: fn must not read state that changes later. A fn that
+  is not traceable or calls back into Python (the ONNX members, through
+  `jax.pure_callback`) keeps the plain host loop: `fn(numpy batch)` with
+  batches of exactly `batch_size`.
+
+  Processes (jax.distributed): the batches are cut into one contiguous block
+  per process (equal sizes, the last padded); each process runs its block on its
+  own local-device mesh (no cross-process collectives inside fn), then the
+  blocks are gathered (`sharding.gather_rows`) so that every process gets
+  the full result in the original row order. Every process must then call
+  run_batched with the same fn and images (at least the same shape) and
+  `across_processes=True`.
+
+  Rows computed independently (no BatchNorm in training mode etc.), so the
+  layout changes results only by float rounding; padding rows are dropped.
 
   Args:
-    fn: images [B, H, W, C] -> an array [B, D] or a pytree of them (None
+    fn: images [B, H, W, C] -> an array [B, ...] or a pytree of them (None
       leaves allowed, e.g. (features, None) for a PTM without a head).
     images: [N, H, W, C] uint8.
-    batch_size: every call sees exactly this batch (one compilation).
+    batch_size: batch rows per step on this process (every call sees the
+      same batch shape).
+    devices: local devices to split batches over (default: all local
+      devices; `[jax.local_devices()[0]]` gives the one-device path).
+    across_processes: split over processes and gather; every process must
+      then make the same call. Off by default, because the benchmark's
+      stores are built by process 0 alone.
 
   Returns:
-    fn's output structure with [N, D] float32 numpy leaves.
+    fn's output structure with [N, ...] float32 numpy leaves, on every
+    process.
   """
   images = np.asarray(images)
-  outs = []
-  for i in range(0, len(images), batch_size):
-    xb = images[i:i + batch_size]
-    n = len(xb)
-    if n < batch_size:
-      xb = np.concatenate([xb, np.zeros((batch_size - n,) + xb.shape[1:],
-                                        xb.dtype)])
-    outs.append(jax.tree.map(lambda a, n=n: np.asarray(a, np.float32)[:n],
-                             fn(xb)))
-  return jax.tree.map(lambda *parts: np.concatenate(parts), *outs)
+  n = len(images)
+  devices = jax.local_devices() if devices is None else list(devices)
+  bs = sharding.pad_to_multiple(batch_size, len(devices))
+  sharded = _sharded(fn, jax.ShapeDtypeStruct((bs,) + images.shape[1:],
+                                              images.dtype), devices)
+  if sharded is None:
+    bs, call = batch_size, fn
+    fetch = lambda y: jax.tree.map(lambda a: np.asarray(a, np.float32), y)
+  else:
+    call = sharded
+    fetch = lambda y: jax.tree.unflatten(
+        sharded.out_tree, [np.asarray(a, np.float32) for a in y])
+  # Process p runs batches [p * per, (p + 1) * per): the same number on
+  # every process (batches past the end are all padding), so the gathered
+  # blocks line up in row order. At least one batch: output shapes for n=0.
+  num_batches = -(-n // bs)
+  p, count = ((jax.process_index(), jax.process_count()) if across_processes
+              else (0, 1))
+  per = max(-(-num_batches // count), 1)
+  outs, pending = [], None
+  for b in range(p * per, (p + 1) * per):
+    xb = images[b * bs:(b + 1) * bs]
+    if len(xb) < bs:
+      xb = np.concatenate([xb, np.zeros((bs - len(xb),) + images.shape[1:],
+                                        images.dtype)])
+    y = call(xb)  # Dispatched asynchronously on the device path...
+    if pending is not None:
+      outs.append(fetch(pending))  # ...while the previous batch is fetched.
+    pending = y
+  outs.append(fetch(pending))
+  out = jax.tree.map(lambda *parts: np.concatenate(parts), *outs)
+  if across_processes:
+    out = sharding.gather_rows(out)
+  return jax.tree.map(lambda a: a[:n], out)
 
 
 def extract_features(fn: Callable[[jax.Array], jax.Array],
