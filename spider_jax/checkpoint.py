@@ -34,7 +34,12 @@ def manager(directory, *, keep_latest: int = 2,
           get_metric_fn=lambda m: m[VAL_METRIC], n=keep_best,
           keep_checkpoints_without_metrics=False),
   ])
+  # best_fn makes orbax write each step's metrics to disk (without it they
+  # live only in this manager's memory, and a new manager cannot tell which
+  # step was best); which steps are kept is decided by the policy alone.
   opts = ocp.CheckpointManagerOptions(preservation_policy=policy, create=True,
+                                      best_fn=lambda m: m[VAL_METRIC],
+                                      best_mode="max",
                                       enable_async_checkpointing=False)
   return ocp.CheckpointManager(pathlib.Path(directory).absolute(),
                                options=opts)
@@ -79,6 +84,10 @@ def best_or_latest_step(mngr: ocp.CheckpointManager) -> int:
         "spider_jax.train --workdir=...` (or point --config.checkpoint at "
         "a directory that has one).")
   scored = [(s, (mngr.metrics(s) or {}).get(VAL_METRIC)) for s in steps]
+  if all(v is None for _, v in scored):  # Written before metrics were.
+    scored = [(s, mngr.restore(s, args=ocp.args.Composite(
+        meta=ocp.args.JsonRestore())).meta.get("val", {}).get("best"))
+              for s in steps]
   scored = [(s, v) for s, v in scored if v is not None]
   return max(scored, key=lambda sv: (sv[1], sv[0]))[0] if scored else max(
       steps)

@@ -169,7 +169,8 @@ def rank(config, workdir) -> dict:
         with jax.enable_x64(True):  # Baselines match float64 references.
           for i, t in enumerate(tasks):
             out.append(baselines.score_zoo(method, t, ptms,
-                                           key=jax.random.fold_in(key, i)))
+                                           key=jax.random.fold_in(key, i),
+                                           **method_options(method, t)))
             bar.update()
         return np.stack(out)
       timed(method, run, forward_seconds(store, tasks, [ptms] * len(tasks)))
@@ -200,6 +201,14 @@ def rank(config, workdir) -> dict:
   if jax.process_index() == 0:
     write_outputs(report, workdir / "rank", plots=config.rank.plots)
   return report
+
+
+def method_options(method: str, task) -> dict:
+  """Per-task options of a baseline: GBC's PCA width is at most the number
+  of training samples (64 as the reference when the task has that many)."""
+  if method.startswith("gbc"):
+    return {"pca_dim": int(min(64, task.mask("train").sum()))}
+  return {}
 
 
 def baseline_cache_key(store: FeatureStore, tasks, seed: int) -> str:

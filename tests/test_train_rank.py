@@ -190,3 +190,18 @@ def test_ptm_tokens_from_features(small_store):
       return T()
   c = ptm_feature_tokens(Scaled(small_store), 16, seed=0, num_images=64)
   np.testing.assert_allclose(c[:, :m - 1], a[:, :m - 1], atol=1e-4)
+
+
+def test_best_step_survives_a_new_manager(tmp_path):
+  """The validation metric is written to disk, so a new manager (e.g.
+  Ranker.load in another process) finds the best step, not the latest."""
+  import jax.numpy as jnp
+  from spider_jax import checkpoint
+  with checkpoint.manager(tmp_path, keep_latest=2) as mngr:
+    for step, val in [(1, 0.5), (2, 0.9), (3, 0.4), (4, 0.3), (5, 0.2)]:
+      checkpoint.save(mngr, step, {"a": jnp.ones(2)},
+                      {"step": jnp.int32(step)}, {"x": step}, val)
+  with checkpoint.manager(tmp_path) as mngr:
+    assert mngr.all_steps() == [2, 4, 5]   # 2 latest + the best.
+    assert checkpoint.best_or_latest_step(mngr) == 2
+  assert checkpoint.read_meta(tmp_path)[0] == 2
