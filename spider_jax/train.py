@@ -75,7 +75,7 @@ def build_benchmark(bench: ml_collections.ConfigDict,
     bench.results_dir = str(workdir / "bench")
   path = None
   if jax.process_index() == 0:
-    path = groundtruth.run(bench, log=lambda m: logging.info("%s", m))["store"]
+    path = groundtruth.run(bench, log=lambda m: print(m, flush=True))["store"]
     if jax.process_count() > 1:
       (workdir / "bench" / "store_path.txt").write_text(path)
   sharding.barrier("benchmark_store")
