@@ -69,7 +69,7 @@ def write_plots(report: dict, out: pathlib.Path) -> list[pathlib.Path]:
   * wtau_per_task.png: weighted tau per task (columns) per method (rows).
   * wtau_vs_time.png: mean weighted tau against seconds per task (log x).
   * predicted_vs_true.png: per task, each PTM's predicted rank (by the
-    first Model Spider row, else the first method) against its true rank.
+    chosen-k Model Spider row, else the first method) against its true rank.
   """
   if not report["metrics"]:
     return []
@@ -110,10 +110,12 @@ def write_plots(report: dict, out: pathlib.Path) -> list[pathlib.Path]:
   paths.append(out / "wtau_vs_time.png")
   _save(fig, paths[-1])
 
-  main = next((m for m in methods if m.startswith("spider")), methods[0])
+  # The chosen-k Model Spider row (the last one), else the first method.
+  main = next((m for m in reversed(methods) if m.startswith("spider")),
+              methods[0])
   cols = min(5, len(tasks))
   rows = -(-len(tasks) // cols)
-  fig = Figure(figsize=(2.6 * cols, 2.6 * rows))
+  fig = Figure(figsize=(2.6 * cols, 2.8 * rows), layout="constrained")
   m_count = len(report["ptm_names"])
   for i, t in enumerate(tasks):
     ax = fig.add_subplot(rows, cols, i + 1)
