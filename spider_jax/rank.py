@@ -42,7 +42,8 @@ from spider_jax.train import open_or_build_store, train
 
 
 
-def resolve_checkpoint(config, workdir: pathlib.Path) -> pathlib.Path:
+def resolve_checkpoint(config, workdir: pathlib.Path,
+                       store: FeatureStore | None = None) -> pathlib.Path:
   """The checkpoint to use; trains one in WORKDIR if none is configured."""
   if config.rank.checkpoint:
     path = pathlib.Path(config.rank.checkpoint)
@@ -56,7 +57,7 @@ def resolve_checkpoint(config, workdir: pathlib.Path) -> pathlib.Path:
     have = mngr.latest_step() is not None
   if not have or _unfinished(path):
     logging.warning("No finished checkpoint in %s: training the ranker.", path)
-    train(config, workdir)
+    train(config, workdir, store=store)
   return path
 
 
@@ -107,7 +108,7 @@ def rank(config, workdir) -> dict:
   workdir = pathlib.Path(workdir)
   methods = parse_methods(config.rank.methods)
   store = open_or_build_store(config, workdir)
-  ckpt = resolve_checkpoint(config, workdir) if "spider" in methods or \
+  ckpt = resolve_checkpoint(config, workdir, store) if "spider" in methods or \
       "prior" in methods else None
   ranker = (Ranker.load(ckpt, batch_size=config.eval_batch_size,
                         model_parallel=config.rank.model_parallel)

@@ -236,18 +236,22 @@ def checkpoint_meta(config, store: FeatureStore, prior: np.ndarray,
 
 
 def train(config: ml_collections.ConfigDict, workdir,
-          should_stop: Callable[[], bool] | None = None) -> dict:
+          should_stop: Callable[[], bool] | None = None,
+          store: FeatureStore | None = None) -> dict:
   """Trains (or resumes) the ranker in `workdir`; returns a summary dict.
 
   Writes WORKDIR/checkpoints (orbax), WORKDIR/metrics.jsonl and
   WORKDIR/config.json. Only process 0 writes logs; every process takes part
   in checkpointing. When `should_stop()` turns True on any process (e.g. a
   SIGTERM preemption notice), all processes save a checkpoint at the current
-  step and return with summary["preempted"] = True.
+  step and return with summary["preempted"] = True. `store` (default:
+  `open_or_build_store(config, workdir)`) lets a caller pass the store it
+  already opened.
   """
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  store = open_or_build_store(config, workdir)
+  if store is None:
+    store = open_or_build_store(config, workdir)
   zoo = zoo_of(store)
   mesh = sharding.data_mesh()
   if config.batch_size % mesh.size:

@@ -297,6 +297,130 @@ def test_gbc_diagonal_spherical_match_transcription(spherical):
   np.testing.assert_allclose(got, want, rtol=1e-10)
 
 
+def _numpy_logme_thin_svd(f, y):
+  """thuml's `_fit_fixed_point` on a thin `np.linalg.svd(F)` in both regimes
+  (its N <= D branch), plus the full-D term -(D - k)/2 log alpha."""
+  n, d = f.shape
+  u, s, _ = np.linalg.svd(f, full_matrices=False)
+  sigma = (s ** 2)[:, None]
+  k = s.size
+  out = []
+  for c in range(int(y.max()) + 1):
+    t_ = (y == c).astype(np.float64)[:, None]
+    x2 = (u.T @ t_) ** 2
+    res_x2 = (t_ ** 2).sum() - x2.sum()
+    alpha, beta = 1.0, 1.0
+    for _ in range(11):
+      t = alpha / beta
+      gamma = (sigma / (sigma + t)).sum()
+      m2 = (sigma * x2 / (t + sigma) ** 2).sum()
+      res2 = (x2 / (1 + sigma / t) ** 2).sum() + res_x2
+      alpha = gamma / (m2 + 1e-5)
+      beta = (n - gamma) / (res2 + 1e-5)
+      if abs(alpha / beta - t) / t <= 1e-3:
+        break
+    out.append((d / 2 * np.log(alpha) + n / 2 * np.log(beta)
+                - 0.5 * np.sum(np.log(alpha + beta * sigma))
+                - 0.5 * (d - k) * np.log(alpha) - beta / 2 * res2
+                - alpha / 2 * m2 - n / 2 * np.log(2 * np.pi)) / n)
+  return float(np.mean(out))
+
+
+@pytest.mark.parametrize("n,d,rank", [(300, 40, 40), (40, 300, 40),
+                                      (64, 64, 64), (900, 800, 800),
+                                      (10, 1, 1), (3, 5, 3), (200, 30, 4)])
+def test_logme_tridiagonal_paths_equal_thin_svd(n, d, rank):
+  """Both Gram paths (F^T F for N > D, F F^T otherwise; tridiagonal form,
+  WY-blocked Q^T, resolvent solves) give the SVD-based value to 1e-10,
+  also for rank-deficient F."""
+  rng = np.random.default_rng(n + d)
+  y = np.arange(n) % 4
+  f = rng.normal(size=(n, rank)) @ rng.normal(size=(rank, d))
+  f += 0.5 * y[:, None] * (rng.normal(size=(1, rank)) @ rng.normal(
+      size=(rank, d)))
+  want = _numpy_logme_thin_svd(f, y)
+  got = float(baselines.score("logme", f, y))
+  np.testing.assert_allclose(got, want, rtol=1e-10)
+
+
+def test_blocked_gram_equals_product():
+  from spider_jax.baselines import _common
+  rng = np.random.default_rng(0)
+  a = rng.normal(size=(50, 1100))
+  np.testing.assert_allclose(np.asarray(_common.gram(jax.numpy.asarray(a))),
+                             a.T @ a, rtol=1e-12, atol=1e-10)
+  np.testing.assert_allclose(
+      np.asarray(_common.gram(jax.numpy.asarray(a.T), rows=True)), a.T @ a,
+      rtol=1e-12, atol=1e-10)
+
+
+def test_first_argmax_matches_numpy_on_ties_and_scales():
+  from spider_jax.baselines import nce as nce_lib
+  rng = np.random.default_rng(0)
+  fn = jax.jit(nce_lib.first_argmax)
+  for trial in range(60):
+    scale = [1.0, 1e-5, 1e300, 1e-300, 0.0][trial % 5]  # 1e-300: fallback
+    q = rng.integers(0, 4, size=(7, 9)).astype(float) * scale
+    if trial % 3 == 0:
+      q += np.abs(rng.normal(size=q.shape)) * 1e-17
+    if trial % 2:
+      q[0] = 0.0                                    # all-zero row: fallback
+    q[2, 4] = -1.0 if trial % 4 == 1 else q[2, 4]   # negatives, max 0
+    q[1, 5] = q[1].max()
+    q[1, 3] = np.nextafter(q[1, 5], 0.0)           # one ulp below the max
+    np.testing.assert_array_equal(np.asarray(fn(jax.numpy.asarray(q))),
+                                  np.argmax(q, axis=1), err_msg=str(q))
+
+
+def test_knn_top_k_first_is_stable_descending_order():
+  rng = np.random.default_rng(0)
+  s = rng.integers(0, 5, size=(6, 20)).astype(float)
+  s[0, 4] = -np.inf
+  got = knn_lib.top_k_first(jax.numpy.asarray(s), 5,
+                            jax.numpy.arange(20, dtype=jax.numpy.int32))
+  want = np.argsort(-s, axis=1, kind="stable")[:, :5]
+  np.testing.assert_array_equal(np.asarray(got), want)
+
+
+def test_labels_remap_paths_and_prepared_cache():
+  from spider_jax.baselines import _common
+  for y in (np.array([5, 2, 5, 9, 2]), np.array([-3, 7, 7, -3, 0]),
+            np.array([0, 10**9, 3, 3], np.int64),
+            np.array([1, 0, 1, 0], np.uint8)):
+    got, c = _common.check_labels(y)
+    classes, want = np.unique(y, return_inverse=True)
+    assert c == classes.size and got.dtype == np.int32
+    np.testing.assert_array_equal(got, want)
+  # Scores follow the labels even when one array is mutated between calls.
+  data = load_case("b_medium")
+  f, p = data["features"], data["source_probs"]
+  y = data["labels"].copy()
+  perm = np.random.default_rng(0).permutation(y)
+  for name, x in (("logme", f), ("nce", p), ("leep", p)):
+    a = float(baselines.score(name, x, y))
+    b = float(baselines.score(name, x, perm.copy()))
+    buf = y.copy()
+    a2 = float(baselines.score(name, x, buf))
+    buf[:] = perm
+    b2 = float(baselines.score(name, x, buf))
+    assert a != b and a == a2 and b == b2, name
+
+
+def test_device_check_overflowing_sum_is_not_an_error():
+  """Finite inputs whose sum overflows pass (exact host re-check)."""
+  data = load_case("d_binary")
+  f, y = data["features"].copy(), data["labels"]
+  f[:4, 0] = 1e308                       # sum = inf, every value finite
+  got = float(baselines.score("knn_loo", f, y))
+  with np.errstate(over="ignore"):
+    want = knn_lib.knn_loo_numpy(f, y)
+  assert got == pytest.approx(want, abs=1e-12)
+  with pytest.raises(baselines.BaselineError, match="NaN"):
+    baselines.score("leep", np.where(np.arange(data["source_probs"].size)
+                                     .reshape(data["source_probs"].shape)
+                                     == 5, np.inf, data["source_probs"]), y)
+
+
 def test_knn_matches_numpy_and_linear_probe_separates():
   data = load_case("b_medium")
   f, y = data["features"], data["labels"]

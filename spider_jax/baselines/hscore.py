@@ -26,7 +26,9 @@ from spider_jax.baselines import _common
 
 def _between(fc, aux):
   """[C, D] centred class means and [C] counts of centred features."""
-  return _common.class_means(fc, aux["onehot"], aux["counts"]), aux["counts"]
+  counts = aux["counts"]
+  sums = jax.ops.segment_sum(fc, aux["labels"], counts.shape[0])  # [C, D]
+  return sums / counts[:, None], counts
 
 
 def _trace_pinv_between(cov, mc, counts, n):

@@ -34,7 +34,9 @@ def leep_from_probs(theta: jax.Array, labels: jax.Array,
   joint = jax.ops.segment_sum(theta, labels, num_classes) / n    # [C, S]
   p_z = jnp.sum(joint, axis=0, keepdims=True)
   cond = jnp.where(p_z > 0, joint / jnp.where(p_z > 0, p_z, 1.0), 0.0)
-  eep = jnp.sum(theta * cond[labels], axis=1)                   # [N], O(N S)
+  # EEP_i = (theta P(y|z)^T)[i, y_i]: one [N, S] x [S, C] product (a gathered
+  # [N, S] row-sum is ~4x slower on XLA:CPU).
+  eep = jnp.take_along_axis(theta @ cond.T, labels[:, None], axis=1)[:, 0]
   tiny = jnp.finfo(theta.dtype).tiny
   return jnp.mean(jnp.log(jnp.maximum(eep, tiny)))
 

@@ -47,7 +47,8 @@ def _fit_softmax(x, y1h, l2, steps):
 
 def _core(f, aux, key, *, num_classes, n_fit, l2_grid, steps):
   perm = jax.random.permutation(key, f.shape[0])
-  x, y = f[perm], aux["onehot"][perm]
+  x = f[perm]
+  y = _common.onehot(aux["labels"][perm], num_classes, f.dtype)
   xf, yf, xv, yv = x[:n_fit], y[:n_fit], x[n_fit:], y[n_fit:]
   mu = jnp.mean(xf, axis=0)
   sd = jnp.std(xf, axis=0)

@@ -7,12 +7,17 @@ of a linear model t_c = 1[y = c] ~ N(F w, 1/beta), w ~ N(0, 1/alpha):
       - a/2 |m|^2 - N/2 log 2pi,          s_i = eigenvalues of F^T F.
 
 * `logme` is thuml's default `_fit_fixed_point` (11 MacKay steps, early break
-  when |a/b - t|/t <= 1e-3, 1e-5 in the updates). One eigen-decomposition
-  of F^T F (of F F^T when N <= D) is shared by all classes, which
-  are updated together with a per-class `done` mask that reproduces the
-  reference's early break exactly. For N <= D the eigenvectors of F F^T
-  replace thuml's thin SVD of F (same U and singular values, several times
-  cheaper).
+  when |a/b - t|/t <= 1e-3, 1e-5 in the updates). The smaller Gram matrix
+  (F^T F when N > D, as thuml's `truncated_svd`; F F^T otherwise, whose
+  eigenvectors are thuml's thin-SVD U) is only tridiagonalised,
+  G = Q T Q^T (LAPACK sytrd); the eigenvalues of T come from bisection,
+  and thuml's per-class sums over the eigenbasis (|m|^2 and the residual,
+  functions of U^T t) are written as resolvents (T + t I)^{-1} Q^T b, one
+  batched tridiagonal solve per step (see `_spectral_terms`). U, V and the
+  eigenvectors are never formed: syevd's back-transformation is most of an
+  eigh's cost. All classes are updated together with a per-class `done`
+  mask that reproduces the reference's early break exactly. Agrees with
+  thuml's SVD formulas to ~1e-14.
 * `logme_icml` is the ICML algorithm (`_fit_icml`: break when the relative
   change of a/b is < 0.01, epsilons in the evidence).
 
@@ -35,45 +40,122 @@ from spider_jax.baselines import _common
 _LOG_2PI = float(np.log(2.0 * np.pi))
 
 
-def _logme_fast_core(f, aux, key, *, num_classes):
-  del key, num_classes
-  n, d = f.shape
-  y = aux["onehot"]                                       # [N, C]
-  if n > d:
-    sigma, v = jnp.linalg.eigh(f.T @ f)                   # [D], [D, D]
-    sigma = jnp.maximum(sigma, 0.0)
-    s = jnp.sqrt(sigma)
-    keep = s > 1e-10                                      # thuml's truncation
-    x = (v.T @ (f.T @ y)) / jnp.where(keep, s, 1.0)[:, None]   # U^T Y, [D, C]
-    x = jnp.where(keep[:, None], x, 0.0)
-    sigma = jnp.where(keep, sigma, 0.0)
-  else:                                                  # k = N
-    sigma, u = jnp.linalg.eigh(f @ f.T)                   # = thin SVD of F
-    sigma = jnp.maximum(sigma, 0.0)
-    x = u.T @ y                                           # [k, C]
-  k = sigma.shape[0]
-  x2 = x * x
-  res_x2 = aux["counts"] - jnp.sum(x2, axis=0)            # |t|^2 - |x|^2, [C]
-  sig = sigma[:, None]
+def _class_sums(a, aux, num_classes):
+  """[N, K] -> [K, C] = a^T Y (Y one-hot), by segment sums (no [N, C])."""
+  return jax.ops.segment_sum(a, aux["labels"], num_classes).T
 
-  def step(_, state):
-    alpha, beta, m2, res2, done = state
+
+def _apply_qt(a_out, taus, b, block=32):
+  """Q^T b for the reflectors of `lax.linalg.tridiagonal(lower=True)`.
+
+  LAPACK sytrd (uplo = L): Q = H_0 ... H_{D-2}, H_i = I - tau_i v_i v_i^T,
+  v_i = (0, ..., 0, 1 at i + 1, a_out[i + 2:, i]). Applied `block`
+  reflectors at a time in compact WY form, H_j ... H_{j+b-1} = I - V T V^T
+  with T^{-1} = diag(1 / tau) + strict_upper(V^T V) (Puglisi; Joffrain et
+  al. 2006): all blocks' T come from one batched triangular solve, then a
+  loop over the D / b blocks applies them with matrix products (O(D^2 C)),
+  without forming Q. A reflector with tau = 0 (or padding) is the
+  identity (v = 0, tau = 1).
+  """
+  dim = a_out.shape[0]
+  k = dim - 1
+  if k == 0:                                # 1 x 1: Q = I
+    return b
+  nblk = -(-k // block)
+  kp = nblk * block
+  v = (jnp.tril(a_out[:, :k], -2)
+       + jnp.eye(dim, k, -1, dtype=a_out.dtype))           # [D, D - 1]
+  live = taus != 0
+  v = jnp.pad(v * live[None, :], ((0, 0), (0, kp - k)))    # [D, kp]
+  tau = jnp.pad(jnp.where(live, taus, 1.0), (0, kp - k), constant_values=1.0)
+  vbs = v.reshape(dim, nblk, block).transpose(1, 0, 2)     # [nblk, D, b]
+  t_inv = (jnp.triu(jnp.einsum("kdi,kdj->kij", vbs, vbs), 1)
+           + jax.vmap(jnp.diag)(1.0 / tau.reshape(nblk, block)))
+  eye = jnp.broadcast_to(jnp.eye(block, dtype=v.dtype), t_inv.shape)
+  t = jax.scipy.linalg.solve_triangular(t_inv, eye, lower=False)  # [nblk,b,b]
+
+  def apply_block(i, b):                    # matrix products only
+    vb = vbs[i]                             # [D, b], zero above row j0 + 1
+    return b - vb @ (t[i].T @ (vb.T @ b))
+
+  return jax.lax.fori_loop(0, nblk, apply_block, b)
+
+
+def _spectral_terms(f, aux, num_classes):
+  """The smaller Gram matrix G = Q T Q^T (sytrd), eigenvalues of T (bisection).
+
+  N > D: G = F^T F (thuml's `truncated_svd`), b_c = F^T t_c; N <= D:
+  G = F F^T (thuml's thin SVD of F), b_c = t_c. With c = Q^T b_c and
+  z = (T + t I)^{-1} c, thuml's per-class sums over the eigenbasis are
+    N > D:  m2 = sum (v_i.b)^2 / (t + s_i)^2 = |z|^2,
+            res2 = |y|^2 - sum (v_i.b)^2 (s_i + 2t) / (t + s_i)^2
+                 = |y|^2 - z.c - t |z|^2;
+    N <= D: x = U^T t, m2 = sum s_i x_i^2 / (t + s_i)^2 = z.c - t |z|^2,
+            res2 = sum x_i^2 t^2 / (t + s_i)^2 + |y|^2 - |x|^2
+                 = t^2 |z|^2 + |y|^2 - |c|^2,
+  one batched tridiagonal solve per fixed-point step instead of the
+  eigenvectors (syevd's back-transformation is most of an eigh's cost).
+
+  Returns:
+    (sigma [k] (truncated as thuml when N > D), terms(t [C]) -> (m2, res2)).
+  """
+  n, d = f.shape
+  wide = n <= d
+  a_out, dd, ee, taus = jax.lax.linalg.tridiagonal(
+      _common.gram(f, rows=wide), lower=True)
+  if wide:
+    b = _common.onehot(aux["labels"], num_classes, f.dtype)  # [N, C]
+  else:
+    b = _class_sums(f, aux, num_classes)                      # [D, C]
+  c = _apply_qt(a_out, taus, b).T                             # [C, k]
+  sigma = jnp.maximum(jax.scipy.linalg.eigh_tridiagonal(
+      dd, ee, eigvals_only=True), 0.0)
+  if not wide:
+    sigma = jnp.where(jnp.sqrt(sigma) > 1e-10, sigma, 0.0)  # thuml truncation
+  zero = jnp.zeros((1,), dd.dtype)
+  dl = jnp.broadcast_to(jnp.concatenate([zero, ee]), c.shape)
+  du = jnp.broadcast_to(jnp.concatenate([ee, zero]), c.shape)
+  counts = aux["counts"]                                      # |y|^2
+  c2 = jnp.sum(c * c, axis=1)
+
+  def terms(t):
+    z = jax.lax.linalg.tridiagonal_solve(
+        dl, dd[None, :] + t[:, None], du, c[..., None])[..., 0]  # [C, k]
+    zz = jnp.sum(z * z, axis=1)
+    zc = jnp.sum(z * c, axis=1)
+    if wide:
+      return zc - t * zz, t * t * zz + (counts - c2)
+    return zz, counts - zc - t * zz
+
+  return sigma, terms
+
+
+def _logme_fast_core(f, aux, key, *, num_classes):
+  del key
+  n, d = f.shape
+  sigma, terms = _spectral_terms(f, aux, num_classes)
+  k = sigma.shape[0]                                      # min(N, D)
+  sig = sigma[:, None]
+  c = aux["counts"].shape[0]
+  ones = jnp.ones((c,), f.dtype)
+  alpha, beta, m2, res2 = ones, ones, 0.0 * ones, 0.0 * ones
+  done = jnp.zeros((c,), bool)
+  # thuml's 11 steps with its early break, all classes at once (a class
+  # keeps its values once converged). Unrolled: each step calls LAPACK
+  # (gtsv), which must not sit inside an XLA:CPU loop.
+  for _ in range(11):
     t = alpha / beta
     gamma = jnp.sum(sig / (sig + t), axis=0)
-    m2_n = jnp.sum(sig * x2 / (t + sig) ** 2, axis=0)
-    res2_n = jnp.sum(x2 / (1.0 + sig / t) ** 2, axis=0) + res_x2
+    m2_n, res2_n = terms(t)
     alpha_n = gamma / (m2_n + 1e-5)
     beta_n = (n - gamma) / (res2_n + 1e-5)
     conv = jnp.abs(alpha_n / beta_n - t) / t <= 1e-3
     upd = ~done
-    return (jnp.where(upd, alpha_n, alpha), jnp.where(upd, beta_n, beta),
-            jnp.where(upd, m2_n, m2), jnp.where(upd, res2_n, res2),
-            done | conv)
-
-  c = y.shape[1]
-  ones = jnp.ones((c,), f.dtype)
-  init = (ones, ones, 0.0 * ones, 0.0 * ones, jnp.zeros((c,), bool))
-  alpha, beta, m2, res2, _ = jax.lax.fori_loop(0, 11, step, init)
+    alpha = jnp.where(upd, alpha_n, alpha)
+    beta = jnp.where(upd, beta_n, beta)
+    m2 = jnp.where(upd, m2_n, m2)
+    res2 = jnp.where(upd, res2_n, res2)
+    done = done | conv
   log_det = (jnp.sum(jnp.log(alpha + beta * sig), axis=0)
              + (d - k) * jnp.log(alpha))                  # all D directions
   evidence = (d / 2.0 * jnp.log(alpha) + n / 2.0 * jnp.log(beta)
@@ -83,16 +165,16 @@ def _logme_fast_core(f, aux, key, *, num_classes):
 
 
 def _logme_icml_core(f, aux, key, *, num_classes):
-  del key, num_classes
+  del key
   n, d = f.shape
   eps = 1e-5
-  y = aux["onehot"]
   if n >= d:
-    lam, v = jnp.linalg.eigh(f.T @ f)
-    tmp = v.T @ (f.T @ y)                                 # V^T F^T t, [D, C]
+    lam, v = _common.eigh(_common.gram(f))
+    tmp = v.T @ _class_sums(f, aux, num_classes)          # V^T F^T t, [D, C]
   else:  # Nonzero spectrum from F F^T; the other D - N eigenvalues are 0.
-    lam, u = jnp.linalg.eigh(f @ f.T)
-    tmp = jnp.sqrt(jnp.maximum(lam, 0.0))[:, None] * (u.T @ y)
+    lam, u = _common.eigh(_common.gram(f, rows=True))
+    tmp = jnp.sqrt(jnp.maximum(lam, 0.0))[:, None] * _class_sums(
+        u, aux, num_classes)
   s = jnp.abs(lam)[:, None]                 # singular values of F^T F
   k = lam.shape[0]
   yy = aux["counts"]                                      # |t|^2, [C]
@@ -114,7 +196,7 @@ def _logme_icml_core(f, aux, key, *, num_classes):
             jnp.where(upd, a_de_n, a_de), jnp.where(upd, b_de_n, b_de),
             done | conv)
 
-  c = y.shape[1]
+  c = tmp.shape[1]
   ones = jnp.ones((c,), f.dtype)
   init = (ones, ones, ones, 0.0 * ones, 0.0 * ones, jnp.zeros((c,), bool))
   alpha, beta, _, a_de, b_de, _ = jax.lax.fori_loop(0, 11, step, init)

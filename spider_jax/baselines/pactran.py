@@ -11,27 +11,30 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from jax.scipy.special import digamma, gammaln, logsumexp
+from jax.scipy.special import digamma, gammaln
 
 from spider_jax.baselines import _common
 
 
 def _core(theta, aux, key, *, num_classes, alpha):
   del key
-  y = aux["onehot"]                                           # [N, C]
-  n = y.shape[0]
+  n = theta.shape[0]
   a0 = alpha * aux["counts"][:, None] / n + 1e-10            # [C, 1]
   log_s = jnp.log(theta + 1e-10)                              # [N, S]
-
   labels = aux["labels"]
+  # Y @ digamma(A) as a product, not digamma(A)[labels]: XLA:CPU fuses the
+  # digamma into the [N, S] gather (N S digammas instead of C S, ~5x slower).
+  y = _common.onehot(labels, num_classes, theta.dtype)       # [N, C]
 
   def step(_, carry):
     qz, _, _ = carry
     aw = a0 + jax.ops.segment_sum(qz, labels, num_classes)   # [C, S]
-    logits = (log_s + digamma(aw)[labels]
+    logits = (log_s + y @ digamma(aw)
               - digamma(jnp.sum(aw, axis=0))[None, :])
-    log_qz = logits - logsumexp(logits, axis=-1, keepdims=True)
-    return jnp.exp(log_qz), log_qz, aw
+    top = jnp.max(logits, axis=-1, keepdims=True)
+    e = jnp.exp(logits - top)
+    total = jnp.sum(e, axis=-1, keepdims=True)
+    return e / total, logits - top - jnp.log(total), aw     # q, log q, A
 
   init = (theta, log_s,
           a0 + jax.ops.segment_sum(theta, labels, num_classes))

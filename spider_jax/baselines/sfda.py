@@ -50,7 +50,8 @@ def _lda_probs(x, onehot, counts, lam=None):
 
 def _core(f, aux, key, *, num_classes):
   del key
-  y, counts = aux["onehot"], aux["counts"]
+  counts = aux["counts"]
+  y = _common.onehot(aux["labels"], num_classes, f.dtype)     # [N, C]
   p, lam = _lda_probs(f, y, counts)
   p = jax.nn.softmax(p, axis=1)
   means = _common.class_means(f, y, counts)
