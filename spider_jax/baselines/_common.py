@@ -111,12 +111,10 @@ def check_matrix(x, *, what: str, n: int | None = None,
   if n is not None and a.shape[0] != n:
     raise BaselineError(f"{what} has {a.shape[0]} rows, expected {n}.")
   a = a.astype(np.float64, copy=False)
-  if not np.isfinite(np.sum(a)) and not np.all(np.isfinite(a)):  # 1 pass
-    raise BaselineError(f"{what} contains {int(np.sum(~np.isfinite(a)))} "
-                        "NaN/Inf values; fix the extractor first.")
-  if probs and a.size and np.min(a) < 0:
-    raise BaselineError(f"{what} must be probabilities (>= 0); pass "
-                        "softmax(logits), not logits.")
+  if probs or not np.isfinite(np.sum(a)):  # One pass for finite features.
+    err = _value_error(a, what=what, probs=probs)
+    if err is not None:
+      raise err
   return a
 
 
