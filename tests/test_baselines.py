@@ -437,6 +437,33 @@ def test_knn_matches_numpy_and_linear_probe_separates():
   assert good == float(baselines.score("linear_probe", f, y, key=key))
 
 
+def test_linear_probe_fit_reaches_scipy_minimum_and_stops_early():
+  import scipy.optimize
+  import scipy.special
+  from spider_jax.baselines import linear_probe as lp_lib
+  data = load_case("b_medium")
+  x = data["features"]
+  x = (x - x.mean(0)) / np.where(x.std(0) > 0, x.std(0), 1.0)
+  _, y = np.unique(data["labels"], return_inverse=True)
+  c = int(y.max()) + 1
+  y1h = np.eye(c)[y]
+  for l2 in (1e-3, 1.0):
+    def loss(theta, l2=l2):
+      w, b = theta[:-c].reshape(-1, c), theta[-c:]
+      logits = x @ w + b
+      lp = logits - scipy.special.logsumexp(logits, axis=1, keepdims=True)
+      g = (np.exp(lp) - y1h) / x.shape[0]
+      return (-np.mean(np.sum(y1h * lp, 1)) + 0.5 * l2 * np.sum(w * w),
+              np.concatenate([(x.T @ g + l2 * w).ravel(), g.sum(0)]))
+    ref = scipy.optimize.minimize(loss, np.zeros(x.shape[1] * c + c),
+                                  jac=True, method="L-BFGS-B",
+                                  options={"maxiter": 500}).fun
+    (w, b), used = lp_lib._fit_softmax(x, y1h, l2, 500)
+    ours = loss(np.concatenate([np.asarray(w).ravel(), np.asarray(b)]))[0]
+    assert ours == pytest.approx(ref, rel=1e-5, abs=1e-7)
+    assert 0 < int(used) < 500      # the convergence test stopped it
+
+
 # ----------------------------------------------------------------------------
 # Batched over a zoo.
 
