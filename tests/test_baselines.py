@@ -358,18 +358,29 @@ def test_first_argmax_matches_numpy_on_ties_and_scales():
   from spider_jax.baselines import nce as nce_lib
   rng = np.random.default_rng(0)
   fn = jax.jit(nce_lib.first_argmax)
-  for trial in range(60):
-    scale = [1.0, 1e-5, 1e300, 1e-300, 0.0][trial % 5]  # 1e-300: fallback
+  for trial in range(70):
+    # Row maxima down to 1e-270 (`first_argmax`'s documented range) or 0.
+    scale = [1.0, 1e-5, 1e300, 1e-270, 0.0, 1e-100, 3e-270][trial % 7]
     q = rng.integers(0, 4, size=(7, 9)).astype(float) * scale
     if trial % 3 == 0:
       q += np.abs(rng.normal(size=q.shape)) * 1e-17
     if trial % 2:
-      q[0] = 0.0                                    # all-zero row: fallback
-    q[2, 4] = -1.0 if trial % 4 == 1 else q[2, 4]   # negatives, max 0
+      q[0] = 0.0                                    # all-zero row
+    q[2, 4] = 1.7e308 if trial % 4 == 1 else q[2, 4]   # near the top
     q[1, 5] = q[1].max()
     q[1, 3] = np.nextafter(q[1, 5], 0.0)           # one ulp below the max
     np.testing.assert_array_equal(np.asarray(fn(jax.numpy.asarray(q))),
                                   np.argmax(q, axis=1), err_msg=str(q))
+
+
+def test_nce_refuses_rows_first_argmax_cannot_order():
+  data = load_case("d_binary")
+  p = data["source_probs"].copy()
+  p[3] *= 1e-280
+  with pytest.raises(baselines.BaselineError, match="below 2"):
+    baselines.score("nce", p, data["labels"])
+  p[3] = 0.0                                     # an all-zero row is fine
+  assert np.isfinite(float(baselines.score("nce", p, data["labels"])))
 
 
 def test_knn_top_k_first_is_stable_descending_order():

@@ -184,6 +184,9 @@ class Kernel:
     batched: optional override `batched(x [M, N, D], labels, num_classes,
       keys, **options) -> [M]` for kernels with data-dependent shapes.
     check: optional `check(input_dim, **options)` raising BaselineError.
+    checks_values: the core itself returns NaN when its input holds NaN/Inf
+      (or a negative probability), from reductions it needs anyway, so
+      `score_one` adds no check pass of its own.
   """
   core: Callable[..., jax.Array]
   prepare: Callable[..., tuple[Any, Mapping[str, Any]]]
@@ -191,6 +194,7 @@ class Kernel:
   needs_key: bool = False
   batched: Callable[..., jax.Array] | None = None
   check: Callable[..., None] | None = None
+  checks_values: bool = False
 
 
 def default_prepare(labels, num_classes, **options):
@@ -208,18 +212,24 @@ def _compiled(core, static_items: tuple, batched: bool):
 
 
 @functools.lru_cache(maxsize=256)
-def _compiled_checked(core, static_items: tuple, probs: bool):
+def _compiled_checked(core, static_items: tuple, probs: bool,
+                      core_checks: bool = False):
   """One jitted call: cast, on-device input check, and the kernel.
 
   Returns `(score, ok)`; `ok` is False when the input holds NaN/Inf (or,
   with `probs`, a negative value), in which case the kernel is skipped
   (`lax.cond`) and the score is NaN. The check is two full reductions (no
-  host round trip before the kernel runs).
+  host round trip before the kernel runs). With `core_checks`
+  (`Kernel.checks_values`) the core does the check and `ok` is
+  `isfinite(score)`.
   """
   fn = functools.partial(core, **dict(static_items))
 
   def run(x, aux, key):
     x = x.astype(float_dtype())
+    if core_checks:
+      score = fn(x, aux, key)
+      return score, jnp.all(jnp.isfinite(score))
     ok = jnp.isfinite(jnp.sum(x))
     if probs:
       ok = ok & (jnp.min(x, initial=0.0) >= 0)      # NaN compares False
@@ -303,6 +313,14 @@ def _value_error(x, *, what: str, probs: bool) -> BaselineError | None:
   if probs and a.size and np.min(a) < 0:
     return BaselineError(f"{what} must be probabilities (>= 0); pass "
                          "softmax(logits), not logits.")
+  if probs and a.size:
+    row_max = np.max(a, axis=1)
+    tiny = int(np.sum((row_max > 0) & (row_max < 2.0 ** -900)))
+    if tiny:
+      return BaselineError(
+          f"{what} has {tiny} rows whose largest value is below 2^-900 but "
+          "not 0; these are not probabilities (a softmax row's max is >= "
+          "1/S): pass softmax(logits).")
   return None
 
 
@@ -339,7 +357,8 @@ def score_one(kernel: Kernel, x, labels, *, key=None, name: str = "baseline",
     kernel.check(x.shape[1], **options)
   aux, static = _prepared(kernel, y, c, options)
   static_items = tuple(sorted(static.items()))
-  score, ok = _compiled_checked(kernel.core, static_items, probs)(x, aux, key)
+  score, ok = _compiled_checked(kernel.core, static_items, probs,
+                                kernel.checks_values)(x, aux, key)
   if not bool(ok):
     err = _value_error(x, what=kernel.input, probs=probs)
     if err is not None:
