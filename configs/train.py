@@ -23,7 +23,8 @@ def model_config(variant: str) -> ml_collections.ConfigDict:
   """The `model` section (fields of spider_jax.model.ModelConfig)."""
   m = ml_collections.ConfigDict(dict(
       dim=1024, num_layers=1, num_heads=1, mlp_ratio=0, pre_norm=False,
-      qkv_bias=False, dropout=0.1, ln_eps=1e-5, ptm_specific=True))
+      qkv_bias=False, dropout=0.1, ln_eps=1e-5, ptm_specific=True,
+      task_token="prototype"))
   if variant in ("default", "tiny"):
     m.dim = 64
   if variant == "deep":

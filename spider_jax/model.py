@@ -39,6 +39,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from spider_jax import tokens
+
 NEG_INF = -1e9  # Official masked_fill value; -inf would NaN a fully padded row.
 
 
@@ -56,6 +58,9 @@ class ModelConfig:
     dropout: dropout on attention probs and block outputs (paper: 0.1).
     ln_eps: LayerNorm epsilon (PyTorch default 1e-5).
     ptm_specific: build per-PTM projections for re-ranking tokens.
+    task_token: what a generic task token holds (`tokens.TASK_TOKENS`):
+      "prototype" (paper) or "prototype_spread" (prototype and per-class
+      spread, 2 Dg wide).
   """
   dim: int = 1024
   num_layers: int = 1
@@ -66,6 +71,7 @@ class ModelConfig:
   dropout: float = 0.1
   ln_eps: float = 1e-5
   ptm_specific: bool = True
+  task_token: str = "prototype"
 
 
 def _uniform(key, shape, bound):
@@ -277,8 +283,9 @@ class FitnessTransformer(nnx.Module):
     self.num_ptms = num_ptms
     self.ptm_tokens = nnx.Param(jax.random.normal(rngs.params(),
                                                   (num_ptms, d)))
-    bound = 1 / math.sqrt(generic_dim)
-    self.u_w = nnx.Param(_uniform(rngs.params(), (generic_dim, d), bound))
+    in_dim = tokens.token_dim(generic_dim, cfg.task_token)
+    bound = 1 / math.sqrt(in_dim)
+    self.u_w = nnx.Param(_uniform(rngs.params(), (in_dim, d), bound))
     self.u_b = nnx.Param(_uniform(rngs.params(), (d,), bound))
     self.ptm_dims = tuple(ptm_dims) if ptm_dims is not None else None
     if cfg.ptm_specific and ptm_dims is not None:

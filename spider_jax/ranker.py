@@ -75,7 +75,8 @@ class Ranker:
                model_parallel: int = 1):
     self.meta = meta
     self.zoo = ZooInfo(tuple(meta["ptm_names"]), tuple(meta["ptm_dims"]),
-                       int(meta["generic_dim"]))
+                       int(meta["generic_dim"]),
+                       meta["model"].get("task_token", "prototype"))
     self.scorer = Scorer(graphdef, params, batch_size=batch_size,
                          model_parallel=model_parallel)
 

@@ -107,10 +107,12 @@ def _groups(tasks: Sequence[TaskData], batch_size: int):
 
 @dataclasses.dataclass(frozen=True)
 class ZooInfo:
-  """The zoo as the scorer sees it: names, feature widths, generic width."""
+  """The zoo as the scorer sees it: names, feature widths, generic width,
+  and the kind of task token the model reads (`tokens.TASK_TOKENS`)."""
   ptm_names: tuple[str, ...]
   ptm_dims: tuple[int, ...]
   generic_dim: int
+  task_token: str = "prototype"
 
 
 def score_tasks(scorer: Scorer, tasks: Sequence[TaskData], zoo: ZooInfo, *,
@@ -138,7 +140,8 @@ def score_tasks(scorer: Scorer, tasks: Sequence[TaskData], zoo: ZooInfo, *,
   for bucket, idx in _groups(tasks, bs):
     group = [tasks[i] for i in idx] + [None] * (bs - len(idx))
     rows = [None] * bs
-    batch = generic_arrays(group, rows, bucket, zoo.generic_dim)
+    batch = generic_arrays(group, rows, bucket, zoo.generic_dim,
+                           zoo.task_token)
     del batch["weight"]
     scores = scorer(batch)
     if k:

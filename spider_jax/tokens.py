@@ -1,7 +1,9 @@
 """Task tokens: class prototypes, padding buckets and masks.
 
 A task is represented by its class prototypes: the per-class mean of
-L2-normalised features. Prototypes are padded to a static *bucket* so that
+L2-normalised features (`task_token="prototype"`, Model Spider), or the
+prototype concatenated with the per-class, per-dimension standard deviation
+of those features (`"prototype_spread"`, twice as wide). Prototypes are padded to a static *bucket* so that
 jit compiles once per bucket, and a boolean mask marks the real rows.
 
 Every function accepts numpy or JAX arrays and returns the same kind (numpy
@@ -71,6 +73,43 @@ def class_prototypes(features, labels, num_classes: int, *,
   sums = onehot.T @ x
   counts = onehot.sum(axis=0)[:, None]
   return sums / xp.maximum(counts, 1)
+
+
+TASK_TOKENS = ("prototype", "prototype_spread")
+
+
+def token_dim(dim: int, task_token: str = "prototype") -> int:
+  """Width of a task token built from D-wide features: D or 2 D."""
+  if task_token not in TASK_TOKENS:
+    raise ValueError(f"unknown task_token {task_token!r}; use one of "
+                     f"{TASK_TOKENS}.")
+  return dim * (2 if task_token == "prototype_spread" else 1)
+
+
+def class_tokens(features, labels, num_classes: int, *,
+                 task_token: str = "prototype"):
+  """One token per class: its prototype, optionally with its spread.
+
+  Args:
+    features: [N, D] float features.
+    labels: [N] int in 0..num_classes-1.
+    num_classes: C (static).
+    task_token: "prototype" ([C, D] `class_prototypes`) or
+      "prototype_spread" ([C, 2 D]: prototype, then the per-dimension
+      standard deviation of the class's L2-normalised features).
+
+  Returns:
+    [C, token_dim(D, task_token)]; a class without samples gives zeros.
+  """
+  token_dim(1, task_token)                       # validates the name
+  protos = class_prototypes(features, labels, num_classes)
+  if task_token == "prototype":
+    return protos
+  xp = _xp(features)
+  x = l2_normalize(features)
+  second = class_prototypes(x * x, labels, num_classes, normalize=False)
+  spread = xp.sqrt(xp.maximum(second - protos * protos, 0.0))
+  return xp.concatenate([protos, spread], axis=1)
 
 
 def pad_tokens(tokens, length: int):

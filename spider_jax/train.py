@@ -107,8 +107,10 @@ def select_ptms(store: FeatureStore, spec: str) -> list[str] | None:
   return [m.strip() for m in spec.split(",") if m.strip()]
 
 
-def zoo_of(store: FeatureStore) -> ZooInfo:
-  return ZooInfo(store.ptm_names, store.ptm_dims, store.encoder_dim)
+def zoo_of(store: FeatureStore, task_token: str = "prototype") -> ZooInfo:
+  """The store's zoo as the scorer sees it."""
+  return ZooInfo(store.ptm_names, store.ptm_dims, store.encoder_dim,
+                 task_token)
 
 
 def build_model(config, zoo: ZooInfo, seed: int) -> FitnessTransformer:
@@ -200,7 +202,8 @@ def mean_weighted_tau(scores: np.ndarray, gt_rows: np.ndarray) -> float:
                         for g, s in zip(gt_rows, scores)]))
 
 
-def validate(scorer: Scorer, store: FeatureStore, k_max: int) -> dict:
+def validate(scorer: Scorer, store: FeatureStore, k_max: int,
+             task_token: str = "prototype") -> dict:
   """Mean weighted tau on the "val" tasks for k = 0..k_max.
 
   Returns:
@@ -212,8 +215,8 @@ def validate(scorer: Scorer, store: FeatureStore, k_max: int) -> dict:
     return {}
   tasks = [store.task(n) for n in names]
   gt = np.stack([store.ground_truth().row(n, store.ptm_names) for n in names])
-  per_k = [mean_weighted_tau(score_tasks(scorer, tasks, zoo_of(store), k=k),
-                             gt)
+  zoo = zoo_of(store, task_token)
+  per_k = [mean_weighted_tau(score_tasks(scorer, tasks, zoo, k=k), gt)
            for k in range(min(k_max, len(store.ptms)) + 1)]
   best_k = int(np.argmax(per_k))
   return {"per_k": per_k, "best_k": best_k, "best": per_k[best_k]}
@@ -252,7 +255,7 @@ def train(config: ml_collections.ConfigDict, workdir,
   workdir.mkdir(parents=True, exist_ok=True)
   if store is None:
     store = open_or_build_store(config, workdir)
-  zoo = zoo_of(store)
+  zoo = zoo_of(store, config.model.task_token)
   mesh = sharding.data_mesh()
   if config.batch_size % mesh.size:
     raise ValueError(f"batch_size {config.batch_size} is not divisible by "
@@ -261,7 +264,8 @@ def train(config: ml_collections.ConfigDict, workdir,
                             batch_size=config.batch_size,
                             k_max=config.k_max if config.model.ptm_specific
                             else 0,
-                            seed=config.seed, min_keep=config.min_keep)
+                            seed=config.seed, min_keep=config.min_keep,
+                            task_token=config.model.task_token)
   gt = store.ground_truth()
   prior = metrics.constant_prior(np.stack(
       [gt.row(n, store.ptm_names) for n in store.task_names("train")]))
@@ -320,7 +324,8 @@ def train(config: ml_collections.ConfigDict, workdir,
       if (step + 1) % spe == 0 or step + 1 == total:
         epoch = (step + 1) // spe
         scorer.set_params(params)
-        val = validate(scorer, store, sampler.k_max)
+        val = validate(scorer, store, sampler.k_max,
+                       config.model.task_token)
         checkpoint.save(mngr, step + 1, params, train_state,
                         checkpoint_meta(config, store, prior, val),
                         val.get("best"))

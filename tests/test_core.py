@@ -64,6 +64,27 @@ def test_prototypes_are_means_of_normalised_features():
       want, rtol=1e-5, atol=1e-6)
 
 
+def test_prototype_spread_tokens():
+  rng = np.random.default_rng(1)
+  x = rng.normal(size=(30, 6))
+  y = np.repeat(np.arange(3), 10)
+  y[-1] = 4                                           # class 3 is empty
+  got = tokens.class_tokens(x, y, 5, task_token="prototype_spread")
+  xn = x / np.linalg.norm(x, axis=1, keepdims=True)
+  for c in range(5):
+    rows = xn[y == c]
+    want = (np.concatenate([rows.mean(0), rows.std(0)]) if len(rows)
+            else np.zeros(12))
+    np.testing.assert_allclose(got[c], want, atol=1e-12)
+  np.testing.assert_array_equal(tokens.class_tokens(x, y, 5),
+                                tokens.class_prototypes(x, y, 5))
+  assert tokens.token_dim(7, "prototype_spread") == 14
+  with pytest.raises(ValueError, match="unknown task_token"):
+    tokens.class_tokens(x, y, 5, task_token="spread")
+  cfg = ModelConfig(dim=8, task_token="prototype_spread")
+  assert model(cfg).u_w.value.shape == (24, 8)
+
+
 def test_buckets_and_padding():
   assert [tokens.bucket_size(n) for n in (1, 8, 9, 13, 85, 200, 397, 1500)
           ] == [8, 8, 12, 16, 96, 256, 448, 1536]

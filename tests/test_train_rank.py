@@ -192,6 +192,27 @@ def test_ptm_tokens_from_features(small_store):
   np.testing.assert_allclose(c[:, :m - 1], a[:, :m - 1], atol=1e-4)
 
 
+def test_prototype_spread_tokens_train_and_reload(small_store, tiny_config,
+                                                  tmp_path):
+  """task_token="prototype_spread" trains, is saved in the checkpoint meta
+  and is what a reloaded Ranker feeds its model."""
+  cfg = tiny_config.copy_and_resolve_references()
+  with cfg.unlocked():
+    cfg.store = str(small_store.path)
+    cfg.epochs = 2
+    cfg.model.task_token = "prototype_spread"
+  train(cfg, tmp_path)
+  ranker = Ranker.load(tmp_path / "checkpoints")
+  assert ranker.zoo.task_token == "prototype_spread"
+  task = small_store.task(small_store.task_names("target")[0])
+  rows = task.mask("train")
+  res = ranker.rank(task.generic[rows], task.labels[rows], k=0)
+  np.testing.assert_allclose(
+      res.scores, score_tasks(ranker.scorer, [task], ranker.zoo, k=0)[0],
+      rtol=1e-6)
+  assert np.all(np.isfinite(res.scores))
+
+
 def test_best_step_survives_a_new_manager(tmp_path):
   """The validation metric is written to disk, so a new manager (e.g.
   Ranker.load in another process) finds the best step, not the latest."""

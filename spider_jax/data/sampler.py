@@ -62,18 +62,24 @@ def slot_arrays(tasks: Sequence[TaskData | None], ptm_ids: np.ndarray,
 
 def generic_arrays(tasks: Sequence[TaskData | None],
                    rows: Sequence[np.ndarray | None], length: int,
-                   dim: int) -> dict:
-  """Generic prototypes: {"u": [B, P, Dg], "u_mask": [B, P], "weight": [B]}."""
-  u = np.zeros((len(tasks), length, dim), np.float32)
+                   dim: int, task_token: str = "prototype") -> dict:
+  """Task tokens of the generic features (`tokens.class_tokens`).
+
+  Returns:
+    {"u": [B, P, token_dim(Dg, task_token)], "u_mask": [B, P],
+     "weight": [B]}.
+  """
+  u = np.zeros((len(tasks), length, tok.token_dim(dim, task_token)),
+               np.float32)
   u_mask = np.zeros((len(tasks), length), bool)
   weight = np.zeros((len(tasks),), np.float32)
   for i, task in enumerate(tasks):
     if task is None:
       continue
     sel = task.mask("train") if rows[i] is None else rows[i]
-    protos = tok.class_prototypes(task.generic[sel], task.labels[sel],
-                                  task.num_classes)
-    u[i, :task.num_classes] = protos
+    u[i, :task.num_classes] = tok.class_tokens(
+        task.generic[sel], task.labels[sel], task.num_classes,
+        task_token=task_token)
     u_mask[i, :task.num_classes] = True
     weight[i] = 1.0
   return {"u": u, "u_mask": u_mask, "weight": weight}
@@ -92,7 +98,7 @@ class TrainingSampler:
 
   def __init__(self, store: FeatureStore, task_names: Sequence[str], *,
                batch_size: int, k_max: int, seed: int,
-               min_keep: float = 0.5):
+               min_keep: float = 0.5, task_token: str = "prototype"):
     if not task_names:
       raise ValueError("no training tasks: the store has no task with role "
                        "'train'.")
@@ -102,6 +108,7 @@ class TrainingSampler:
     self.gt = np.stack([gt.row(n, store.ptm_names) for n in task_names]
                        ).astype(np.float32)
     self.batch_size, self.seed, self.min_keep = batch_size, seed, min_keep
+    self.task_token = task_token
     self.k_max = min(k_max, len(store.ptms))
     self.p_len = tok.bucket_size(max(t.num_classes for t in self.tasks))
     self.steps_per_epoch = max(1, math.ceil(len(self.tasks) / batch_size))
@@ -117,7 +124,8 @@ class TrainingSampler:
     rng = np.random.default_rng([self.seed, epoch, i, 1])
     tasks = [self.tasks[j] for j in idx]
     rows = [self._subsample(t, rng) for t in tasks]
-    out = generic_arrays(tasks, rows, self.p_len, self.store.encoder_dim)
+    out = generic_arrays(tasks, rows, self.p_len, self.store.encoder_dim,
+                         self.task_token)
     out["gt"] = self.gt[idx]
     if self.k_max:
       k = int(rng.integers(0, self.k_max + 1))
