@@ -264,6 +264,66 @@ def test_nleep_seeded_and_component_rule():
     baselines.score("nleep", f, y, key=jax.random.key(0), num_components=10**6)
 
 
+def test_nleep_packed_em_steps_match_per_component_form():
+  rng = np.random.default_rng(0)
+  n, d, k = 300, 5, 4
+  x = rng.standard_normal((n, d)) * [3.0, 1.0, 0.5, 0.1, 1e-4] + 2.0
+  resp = rng.dirichlet(np.ones(k), size=n)
+  iu, ju = np.triu_indices(d)
+  z = nleep_lib._packed(jax.numpy.asarray(x))
+  np.testing.assert_array_equal(z, x[:, iu] * x[:, ju])
+  stats = (resp.T @ x, resp.T @ np.asarray(z), resp.sum(0))
+  w, mu, pc = (np.asarray(a)
+               for a in nleep_lib._gaussians(stats, n, 1e-6))
+  nk = resp.sum(0) + 10 * np.finfo(float).eps
+  np.testing.assert_allclose(mu, resp.T @ x / nk[:, None], rtol=1e-13)
+  lp = np.empty((n, k))
+  for j in range(k):                       # sklearn's per-component form
+    diff = x - mu[j]
+    cov = (resp[:, j] * diff.T) @ diff / nk[j] + 1e-6 * np.eye(d)
+    np.testing.assert_allclose(pc[j] @ pc[j].T, np.linalg.inv(cov),
+                               rtol=1e-8, atol=1e-8)
+    yj = (x - mu[j]) @ pc[j]
+    lp[:, j] = (-0.5 * (d * np.log(2 * np.pi) + (yj ** 2).sum(1))
+                + np.log(np.diag(pc[j])).sum() + np.log(w[j]))
+  norm = scipy.special.logsumexp(lp, axis=1)
+  got_norm, got_lr = nleep_lib._log_resp_t(
+      jax.numpy.asarray(x), z, nleep_lib._e_terms(w, mu, pc))
+  # The expanded x^T L x - 2 x^T L mu + mu^T L mu cancels: its rounding is
+  # ~eps |x|^2 |L| (|x|^2 ~ 30, |L| ~ 1e6 along the 1e-4 axis here), not
+  # eps maha as in the per-component form.
+  np.testing.assert_allclose(got_norm, norm, rtol=0, atol=1e-8)
+  np.testing.assert_allclose(np.exp(got_lr).T, np.exp(lp - norm[:, None]),
+                             atol=1e-8)
+
+
+def test_nleep_row_blocks_match_one_block():
+  rng = np.random.default_rng(1)
+  n, d, k = 587, 6, 12
+  x = rng.standard_normal((n, d)) + 4.0 * rng.integers(0, 3, (n, 1))
+  t = d * (d + 1) // 2
+  assert nleep_lib._row_blocks(n, t, 100 * t) == (98, 6)     # 1 padded row
+  fit = jax.jit(nleep_lib.gmm_posteriors,
+                static_argnames=("k", "max_iter", "block_elems"))
+  key = jax.random.key(0)
+  one = fit(x, key, k=k, max_iter=20)
+  blocked = fit(x, key, k=k, max_iter=20, block_elems=100 * t)
+  assert one.shape == blocked.shape == (n, k)
+  np.testing.assert_allclose(blocked, one, atol=1e-10)
+  np.testing.assert_allclose(np.sum(one, axis=1), 1.0, rtol=1e-12)
+
+
+def test_nleep_float32_uses_per_component_form():
+  data = load_case("b_medium")         # K = 200 small, degenerate components
+  with jax.enable_x64(False):
+    got = float(baselines.score("nleep", data["features"], data["labels"],
+                                key=jax.random.key(0), num_components=200))
+  ref = float(baselines.score("nleep", data["features"], data["labels"],
+                              key=jax.random.key(0), num_components=200))
+  assert np.isfinite(got)
+  np.testing.assert_allclose(got, ref, rtol=0.05)
+
+
 def _numpy_gbc_diag(x, y, spherical):
   """stable_transfer get_gbc_score transcribed to numpy."""
   stats = {}
