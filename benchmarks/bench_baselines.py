@@ -3,7 +3,7 @@
   python benchmarks/bench_baselines.py            # full run (several minutes)
   python benchmarks/bench_baselines.py --quick    # small shapes, smoke test
   python benchmarks/bench_baselines.py --only logme,nce
-  python benchmarks/bench_baselines.py --single_thread   # 1 thread each side
+  python benchmarks/bench_baselines.py --single_thread   # 1 core, 1 thread
 
 Rows: LogME (fast and ICML) at (N=5000, D=1024, C=50) and (N=2000, D=2048,
 C=100); every method at (N=5000, D=1024, C=50) with C_s = 1000 source
@@ -53,6 +53,9 @@ import sys
 import time
 
 if "--single_thread" in sys.argv:     # must precede the numpy / jax imports
+  # XLA:CPU's dot runs multi-threaded whatever the flags below say, so the
+  # process is also pinned to one core: both sides then get one core each.
+  os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
   for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ[_var] = "1"
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
@@ -462,7 +465,7 @@ def main():
   ap.add_argument("--numpy_budget", type=float, default=2.0,
                   help="repeat numpy calls only when one takes < this (s)")
   ap.add_argument("--single_thread", action="store_true",
-                  help="one BLAS / XLA thread on both sides (steadier "
+                  help="pin to one core, one BLAS / XLA thread (steadier "
                        "ratios on a shared, loaded machine)")
   args = ap.parse_args()
   big = [(5000, 1024, 50), (2000, 2048, 100)]
