@@ -297,23 +297,31 @@ def _e_step_per_component(x, weights, means, prec_chol):
   return jnp.mean(norm), wlp - norm[:, None]
 
 
-def _gmm_posteriors_per_component(x, key, k, reg_covar, max_iter, tol):
-  lab = kmeans(x, key, k)
-  resp = jax.nn.one_hot(lab, k, dtype=x.dtype)
-  params = _m_step_per_component(x, resp, reg_covar)
-
+def _em(params, step, max_iter, tol, dtype):
+  """EM iterations `lb, params = step(params)` until the mean log-likelihood
+  lb changes by less than tol, or max_iter steps; returns the params."""
   def cond(carry):
     it, _, lb, prev = carry
     return (it < max_iter) & ~(jnp.abs(lb - prev) < tol)
 
   def body(carry):
     it, params, lb, _ = carry
-    new_lb, log_resp = _e_step_per_component(x, *params)
-    return (it + 1, _m_step_per_component(x, jnp.exp(log_resp), reg_covar),
-            new_lb, lb)
+    return (it + 1, *step(params)[::-1], lb)
 
-  inf = jnp.asarray(jnp.inf, x.dtype)
-  _, params, _, _ = jax.lax.while_loop(cond, body, (0, params, -inf, -2 * inf))
+  inf = jnp.asarray(jnp.inf, dtype)
+  return jax.lax.while_loop(cond, body, (0, params, -inf, -2 * inf))[1]
+
+
+def _gmm_posteriors_per_component(x, key, k, reg_covar, max_iter, tol):
+  lab = kmeans(x, key, k)
+  resp = jax.nn.one_hot(lab, k, dtype=x.dtype)
+
+  def step(params):
+    lb, log_resp = _e_step_per_component(x, *params)
+    return lb, _m_step_per_component(x, jnp.exp(log_resp), reg_covar)
+
+  params = _em(_m_step_per_component(x, resp, reg_covar), step, max_iter,
+               tol, x.dtype)
   _, log_resp = _e_step_per_component(x, *params)
   return jnp.exp(log_resp)
 
@@ -386,19 +394,12 @@ def gmm_posteriors(x: jax.Array, key: jax.Array, k: int, *,
   stats, _ = scan(init_stats, zeros, (xb, valid, labb, zb))
   params = _gaussians(stats, n, reg_covar)
 
-  def cond(carry):
-    it, _, lb, prev = carry
-    return (it < max_iter) & ~(jnp.abs(lb - prev) < tol)
+  def step(params):
+    (*stats, ll), _ = scan(em_stats(_e_terms(*params)),
+                           (*zeros, jnp.zeros((), x.dtype)), (xb, valid, zb))
+    return ll / n, _gaussians(stats, n, reg_covar)
 
-  def body(carry):
-    it, params, lb, _ = carry
-    terms = _e_terms(*params)
-    (*stats, ll), _ = scan(em_stats(terms), (*zeros, jnp.zeros((), x.dtype)),
-                           (xb, valid, zb))
-    return it + 1, _gaussians(stats, n, reg_covar), ll / n, lb
-
-  inf = jnp.asarray(jnp.inf, x.dtype)
-  _, params, _, _ = jax.lax.while_loop(cond, body, (0, params, -inf, -2 * inf))
+  params = _em(params, step, max_iter, tol, x.dtype)
   terms = _e_terms(*params)
   _, log_resp = scan(
       lambda _, blk: (None, _log_resp_t(blk[0], block_z(*blk), terms)[1]),
