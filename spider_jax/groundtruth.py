@@ -14,6 +14,14 @@ Stages (all cached / resumable; rerun the same command to continue):
      accuracy, fixed seed), one cell at a time, appended to
      `finetune_cells.csv` as it finishes.
 
+On several processes (jax.distributed), `run(..., all_processes=True)` is
+called by every process: process 0 builds the pools and trains the zoo
+first (the others then load them from the cache), every process extracts
+its share of the batches (`extract.extract_store(across_processes=True)`),
+and process 0 alone writes the store and computes stages 4-5; the others
+return the store path once the features are written. A shared filesystem
+is assumed (cache and results directories).
+
 Accuracies are in percent. The store's ground_truth.csv holds fine-tune
 accuracy for target cells of fine-tunable PTMs, linear-probe accuracy for
 target cells of feature-only PTMs (Open-NSFW) and of PTMs listed in
@@ -53,6 +61,7 @@ import numpy as np
 import scipy.stats
 
 from spider_jax import metrics
+from spider_jax import sharding
 from spider_jax.data import store as store_lib
 from spider_jax.zoo import extract
 from spider_jax.zoo import finetune as finetune_lib
@@ -477,23 +486,47 @@ def summarize(gt_targets: Mapping[str, Mapping[str, float]],
 # The whole pipeline.
 
 
+def _main_first(fn: Callable[[], Any], split: bool, name: str) -> Any:
+  """fn() on process 0, then (from its caches) on the others if `split`."""
+  if not split:
+    return fn()
+  main = jax.process_index() == 0
+  out = fn() if main else None
+  sharding.barrier(name)
+  return out if main else fn()
+
+
 def run(cfg, *, deadline: float | None = None,
-        log: Callable[[str], None] = print) -> dict[str, Any]:
+        log: Callable[[str], None] = print,
+        all_processes: bool = False) -> dict[str, Any]:
   """Builds the benchmark of `cfg` end to end (see the module docstring).
 
+  Args:
+    cfg: a configs/bench.py config.
+    deadline: time.time() after which no new fine-tune cell starts.
+    log: progress messages.
+    all_processes: every process calls `run` and feature extraction is
+      split over them (module docstring); otherwise only one process may
+      call it.
+
   Returns:
-    The summary dict (also written to `results_dir/summary.json`).
+    The summary dict (also written to `results_dir/summary.json`); on
+    processes other than 0 with `all_processes`, only {"store": path}.
   """
+  split = all_processes and jax.process_count() > 1
+  main = jax.process_index() == 0 or not split
   results = pathlib.Path(cfg.results_dir)
-  results.mkdir(parents=True, exist_ok=True)
-  seed_caches(results, cfg.get("ground_truth_from", ""), log=log)
+  if main:
+    results.mkdir(parents=True, exist_ok=True)
+    seed_caches(results, cfg.get("ground_truth_from", ""), log=log)
   times: dict[str, float] = {}
   t0 = time.perf_counter()
-  pools = extract.build_pools(cfg)
+  pools = _main_first(lambda: extract.build_pools(cfg), split, "bench_pools")
   times["pools_s"] = time.perf_counter() - t0
 
   t0 = time.perf_counter()
-  zoo = extract.build_zoo(cfg, pools, log=log)
+  zoo = _main_first(lambda: extract.build_zoo(cfg, pools, log=log), split,
+                    "bench_zoo")
   times["zoo_s"] = time.perf_counter() - t0
   times["zoo_train_s_per_ptm"] = {n: z.get("train_seconds")
                                   for n, z in zoo.items()}
@@ -502,8 +535,11 @@ def run(cfg, *, deadline: float | None = None,
 
   t0 = time.perf_counter()
   path = extract.store_path(cfg, pools, zoo)
-  ex = extract.extract_store(cfg, pools, reg, path, log=log)
+  ex = extract.extract_store(cfg, pools, reg, path, log=log,
+                             across_processes=split)
   times["extract_s"] = time.perf_counter() - t0
+  if not main:
+    return {"store": str(path)}
   tasks = extract.task_list(cfg, pools)
   task_names = [t.name for t in tasks]
   fs = store_lib.FeatureStore(path)

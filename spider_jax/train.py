@@ -65,22 +65,21 @@ def build_benchmark(bench: ml_collections.ConfigDict,
                     workdir: pathlib.Path) -> pathlib.Path:
   """Builds or reuses the benchmark store of `bench`; returns its path.
 
-  Process 0 builds (every stage is cached under bench.cache_dir, so a
-  second call only checks hashes); the others wait and open the result.
-  Its summary goes to WORKDIR/bench/summary.json.
+  Every stage is cached under bench.cache_dir, so a second call only checks
+  hashes. On several processes every process takes part
+  (`groundtruth.run(all_processes=True)`: feature extraction is split over
+  them, process 0 trains the zoo and writes the store and ground truth);
+  all return once process 0 is done. Its summary goes to
+  WORKDIR/bench/summary.json.
   """
   from spider_jax import groundtruth  # Heavy imports only when needed.
   bench = bench.copy_and_resolve_references()
   with bench.unlocked():
     bench.results_dir = str(workdir / "bench")
-  path = None
-  if jax.process_index() == 0:
-    path = groundtruth.run(bench, log=lambda m: print(m, flush=True))["store"]
-    if jax.process_count() > 1:
-      (workdir / "bench" / "store_path.txt").write_text(path)
+  log = ((lambda m: print(m, flush=True)) if jax.process_index() == 0
+         else (lambda m: None))
+  path = groundtruth.run(bench, log=log, all_processes=True)["store"]
   sharding.barrier("benchmark_store")
-  if path is None:
-    path = (workdir / "bench" / "store_path.txt").read_text()
   return pathlib.Path(path)
 
 

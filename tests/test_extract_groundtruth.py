@@ -8,7 +8,11 @@ cells reproduce.
 
 import csv
 import json
+import os
 import pathlib
+import socket
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -188,6 +192,47 @@ def test_committed_full_table_reproduces():
         settings) == r["cell_hash"], "the committed cell used other settings"
     res = groundtruth.finetune_cell(spec.load(), pools[r["target"]], settings)
     assert abs(res["test_acc"] - float(r["test_acc"])) <= 1.0, r
+
+
+def test_two_processes_build_the_same_store(tiny, tmp_path):
+  """groundtruth.run(all_processes=True) on 2 processes (jax.distributed on
+  localhost): extraction is split over both, process 0 writes, and the
+  store equals the one-process build."""
+  cfg, summary = tiny
+  with socket.socket() as sock:
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  procs = [subprocess.Popen(
+      [sys.executable, str(REPO / "tests" / "bench_multihost_check.py"),
+       str(tmp_path), str(port), "2", str(i), cfg.results_dir],
+      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+      for i in range(2)]
+  try:
+    outs = [p.communicate(timeout=600) for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  info = []
+  for p, (stdout, stderr) in zip(procs, outs):
+    assert p.returncode == 0, stderr[-3000:]
+    info.append(json.loads(stdout.strip().splitlines()[-1]))
+  assert info[0]["store"] == info[1]["store"]
+  assert "counts" in info[0]["keys"] and info[1]["keys"] == ["store"]
+  assert info[0]["split_calls"] > 0 and info[1]["split_calls"] > 0
+  two, one = FeatureStore(info[0]["store"]), FeatureStore(summary["store"])
+  assert two.task_names() == one.task_names()
+  for name in one.task_names():
+    a, b = two.task(name), one.task(name)
+    np.testing.assert_array_equal(a.labels, b.labels)
+    np.testing.assert_allclose(a.generic, b.generic, rtol=1e-5, atol=1e-4)
+    for ptm in one.ptm_names:
+      np.testing.assert_allclose(a.ptm_features(ptm), b.ptm_features(ptm),
+                                 rtol=1e-5, atol=1e-4, err_msg=ptm)
+  np.testing.assert_allclose(
+      [two.ground_truth().row(n) for n in one.task_names("target")],
+      [one.ground_truth().row(n) for n in one.task_names("target")])
 
 
 def test_rank_tiny_end_to_end(tiny, tmp_path):

@@ -15,6 +15,7 @@ import os
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
@@ -27,10 +28,20 @@ _STEP = 0
 
 
 def _manager(directory: str | os.PathLike[str], create: bool):
+  # Zoo checkpoints are written and read by one process at a time (process
+  # 0 trains the zoo; the others load it later): this process alone takes
+  # part, with no barrier across the processes of a jax.distributed run.
+  pid = jax.process_index()
+  path = os.path.abspath(os.fspath(directory))
+  if create:
+    os.makedirs(path, exist_ok=True)
   return ocp.CheckpointManager(
-      os.path.abspath(os.fspath(directory)),
+      path,
       item_names=("params", "meta"),
-      options=ocp.CheckpointManagerOptions(create=create))
+      options=ocp.CheckpointManagerOptions(
+          create=False,
+          multiprocessing_options=ocp.options.MultiprocessingOptions(
+              primary_host=pid, active_processes={pid})))
 
 
 def _jsonable(x):
@@ -53,7 +64,10 @@ def save(directory: str | os.PathLike[str], model: nnx.Module,
   with _manager(directory, create=True) as mngr:
     if mngr.latest_step() is not None:
       raise FileExistsError(f"checkpoint already exists in {directory}")
-    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    # numpy leaves: orbax refuses single-device jax.Arrays in a
+    # jax.distributed run (they are not global arrays).
+    params = jax.tree.map(np.asarray,
+                          nnx.to_pure_dict(nnx.state(model, nnx.Param)))
     mngr.save(_STEP, args=ocp.args.Composite(
         params=ocp.args.StandardSave(params),
         meta=ocp.args.JsonSave(_jsonable(metadata))))
@@ -81,13 +95,13 @@ def load_local(directory: str | os.PathLike[str]
   model = archs.build(meta["arch"], int(meta["num_classes"]),
                       jax.random.key(0))
   state = nnx.state(model, nnx.Param)
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  abstract = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-      nnx.to_pure_dict(state))
+  # Restored as numpy (host-local, valid on any process), then put on this
+  # process's default device.
+  target = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype),
+                        nnx.to_pure_dict(state))
   with _manager(directory, create=False) as mngr:
     params = mngr.restore(mngr.latest_step(), args=ocp.args.Composite(
-        params=ocp.args.StandardRestore(abstract))).params
-  nnx.replace_by_pure_dict(state, params)
+        params=ocp.args.StandardRestore(target))).params
+  nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, params))
   nnx.update(model, state)
   return model, meta

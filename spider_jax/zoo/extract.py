@@ -39,6 +39,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from spider_jax import sharding
 from spider_jax.data import builders
 from spider_jax.data import store as store_lib
 from spider_jax.zoo import ckpt
@@ -300,13 +301,20 @@ def measure_seconds_per_sample(cfg, reg, images: np.ndarray,
 def extract_store(cfg, pools: Mapping[str, builders.Pool],
                   reg: Mapping[str, registry_lib.PTMSpec],
                   path: os.PathLike, *, extra_meta: Mapping | None = None,
-                  log: Callable[[str], None] = print) -> dict[str, Any]:
+                  log: Callable[[str], None] = print,
+                  across_processes: bool = False) -> dict[str, Any]:
   """Extracts every PTM and the generic encoder over the config's pools.
 
   Resumable: pools already in the store (its meta.json) are skipped; the
   store is closed after each pool. Per-PTM seconds per sample (forward pass
   after compilation, features and source probs together) are recorded with
   `set_seconds_per_sample`.
+
+  With `across_processes` (jax.distributed), every process must make this
+  call: the batches of every (pool, model) are split over the processes
+  (`registry.run_batched(across_processes=True)`), process 0 decides which
+  pools are left and alone writes the store, and all return once it is
+  written (a shared filesystem is assumed, as for the store everywhere).
 
   Returns:
     dict(extracted=[pools], skipped=[pools], seconds, seconds_per_sample,
@@ -324,10 +332,20 @@ def extract_store(cfg, pools: Mapping[str, builders.Pool],
   shared = [n for n, s in reg.items() if s.weight_group == enc.weight_group
             and s.input_size == enc.input_size
             and s.normalisation == enc.normalisation]
+  split = across_processes and jax.process_count() > 1
+  writer = not split or jax.process_index() == 0
   done = _finished_pools(path)
-  todo = [n for n in names if n not in done]
-  skipped = [n for n in names if n in done]
+  is_done = np.array([n in done for n in names])
+  if split:  # Process 0's view of the store decides (one plan for all).
+    from jax.experimental import multihost_utils
+    is_done = np.asarray(multihost_utils.broadcast_one_to_all(is_done))
+  todo = [n for n, d in zip(names, is_done) if not d]
+  skipped = [n for n, d in zip(names, is_done) if d]
   t_start = time.perf_counter()
+  if not todo and not writer:
+    sharding.barrier("extract_store_done")  # split: wait for process 0
+    return {"extracted": [], "skipped": skipped, "seconds": 0.0,
+            "seconds_per_sample": {}, "encoder_shares_weights_with": shared}
   if not todo:
     have = _finished_pools(path, "seconds_per_sample")
     if set(reg) - set(have):  # e.g. a store whose meta.json was rebuilt
@@ -335,6 +353,8 @@ def extract_store(cfg, pools: Mapping[str, builders.Pool],
       w.set_seconds_per_sample(measure_seconds_per_sample(
           cfg, reg, pools[names[0]].images, shared))
       w.close()
+    if split:
+      sharding.barrier("extract_store_done")
     return {"extracted": [], "skipped": skipped, "seconds": 0.0,
             "seconds_per_sample": _finished_pools(path, "seconds_per_sample"),
             "encoder_shares_weights_with": shared}
@@ -344,23 +364,26 @@ def extract_store(cfg, pools: Mapping[str, builders.Pool],
   # Load every model once and compile it on one batch (pool-major loop
   # below, so a finished pool is saved before the next one starts).
   fns, bss, t_run, n_run = {}, {}, {}, {}
-  for mname, spec in _tqdm(members, desc="load+compile", unit="ptm"):
+  for mname, spec in _tqdm(members, desc="load+compile", unit="ptm",
+                           disable=not writer):
     loaded = spec.load()
     fns[mname] = features_and_probs(loaded)
     bss[mname] = (cfg.extract.onnx_batch_size if loaded.model is None
                   else cfg.extract.batch_size)
     registry_lib.run_batched(fns[mname],
-                             pools[todo[0]].images[:bss[mname]], bss[mname])
+                             pools[todo[0]].images[:bss[mname]], bss[mname],
+                             across_processes=split)
     t_run[mname], n_run[mname] = 0.0, 0
   enc_key = shared[0] if shared else "__encoder__"
   total = sum(len(pools[n].labels) for n in todo) * len(members)
-  bar = _tqdm(total=total, desc="extract", unit="img")
+  bar = _tqdm(total=total, desc="extract", unit="img", disable=not writer)
   for pname in todo:
     pool = pools[pname]
     feats, probs = {}, {}
     for mname, spec in members:
       t0 = time.perf_counter()
-      f, p = registry_lib.run_batched(fns[mname], pool.images, bss[mname])
+      f, p = registry_lib.run_batched(fns[mname], pool.images, bss[mname],
+                                      across_processes=split)
       t_run[mname] += time.perf_counter() - t0
       n_run[mname] += len(pool.images)
       feats[mname] = f
@@ -372,14 +395,17 @@ def extract_store(cfg, pools: Mapping[str, builders.Pool],
     secs = {("encoder" if k == "__encoder__" else k): t_run[k] / n_run[k]
             for k in t_run}
     secs["encoder"] = t_run[enc_key] / n_run[enc_key]
-    w = open_writer(path, cfg, reg, extra_meta)
-    w.add_pool(pname, labels=pool.labels.astype(np.int64),
-               generic=feats[enc_key],
-               features={n: feats[n] for n in reg}, source_probs=probs)
-    w.set_seconds_per_sample(secs)
-    w.close()  # meta.json now lists this pool: resumable from here.
+    if writer:
+      w = open_writer(path, cfg, reg, extra_meta)
+      w.add_pool(pname, labels=pool.labels.astype(np.int64),
+                 generic=feats[enc_key],
+                 features={n: feats[n] for n in reg}, source_probs=probs)
+      w.set_seconds_per_sample(secs)
+      w.close()  # meta.json now lists this pool: resumable from here.
   if bar is not None:
     bar.close()
+  if split:  # The store is complete for every process.
+    sharding.barrier("extract_store_done")
   log(f"extract: {len(todo)} pools x {len(members)} models in "
       f"{time.perf_counter() - t_start:.1f}s ({len(skipped)} skipped)")
   return {"extracted": todo, "skipped": skipped,
