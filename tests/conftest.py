@@ -1,6 +1,9 @@
-"""Shared fixtures: a small synthetic FeatureStore and a trained ranker."""
+"""Shared fixtures: a small synthetic FeatureStore and a trained ranker;
+helpers to run several processes on localhost."""
 
 import pathlib
+import socket
+import subprocess
 import sys
 
 import pytest
@@ -16,6 +19,32 @@ from configs import rank as rank_config  # noqa: E402
 from spider_jax import checkpoint  # noqa: E402
 from spider_jax.data.synthetic import SyntheticSpec, write_synthetic_store  # noqa: E402
 from spider_jax.ranker import model_from_meta  # noqa: E402
+
+
+def free_port() -> int:
+  """A free TCP port on localhost (for a jax.distributed coordinator)."""
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def run_processes(argv_of, n: int, *, env: dict, timeout: float,
+                  cwd=None) -> list[tuple[int, str, str]]:
+  """Runs `argv_of(i)` for i < n side by side; kills any left at the end.
+
+  Returns:
+    [(returncode, stdout, stderr)] in process order.
+  """
+  procs = [subprocess.Popen(argv_of(i), cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True) for i in range(n)]
+  try:
+    outs = [p.communicate(timeout=timeout) for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  return [(p.returncode, out, err) for p, (out, err) in zip(procs, outs)]
 
 
 def latest_params(workdir):

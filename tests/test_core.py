@@ -82,7 +82,7 @@ def test_prototype_spread_tokens():
   with pytest.raises(ValueError, match="unknown task_token"):
     tokens.class_tokens(x, y, 5, task_token="spread")
   cfg = ModelConfig(dim=8, task_token="prototype_spread")
-  assert model(cfg).u_w.value.shape == (24, 8)
+  assert model(cfg).u_w[...].shape == (24, 8)
 
 
 def test_buckets_and_padding():

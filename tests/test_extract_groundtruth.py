@@ -10,13 +10,12 @@ import csv
 import json
 import os
 import pathlib
-import socket
-import subprocess
 import sys
 
 import numpy as np
 import pytest
 
+from conftest import free_port, run_processes
 from configs import bench as bench_config
 from spider_jax import groundtruth
 from spider_jax.data import FeatureStore
@@ -199,24 +198,13 @@ def test_two_processes_build_the_same_store(tiny, tmp_path):
   localhost): extraction is split over both, process 0 writes, and the
   store equals the one-process build."""
   cfg, summary = tiny
-  with socket.socket() as sock:
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  procs = [subprocess.Popen(
-      [sys.executable, str(REPO / "tests" / "bench_multihost_check.py"),
-       str(tmp_path), str(port), "2", str(i), cfg.results_dir],
-      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-      for i in range(2)]
-  try:
-    outs = [p.communicate(timeout=600) for p in procs]
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
+  port = free_port()
   info = []
-  for p, (stdout, stderr) in zip(procs, outs):
-    assert p.returncode == 0, stderr[-3000:]
+  for rc, stdout, stderr in run_processes(
+      lambda i: [sys.executable, str(REPO / "tests" / "bench_multihost_check.py"),
+                 str(tmp_path), str(port), "2", str(i), cfg.results_dir],
+      2, env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=600):
+    assert rc == 0, stderr[-3000:]
     info.append(json.loads(stdout.strip().splitlines()[-1]))
   assert info[0]["store"] == info[1]["store"]
   assert "counts" in info[0]["keys"] and info[1]["keys"] == ["store"]

@@ -16,7 +16,6 @@ import gc
 import json
 import os
 import pathlib
-import socket
 import subprocess
 import sys
 
@@ -25,6 +24,7 @@ import numpy as np
 import pytest
 
 import extract_sharding_check as check
+from conftest import free_port, run_processes
 from spider_jax import sharding
 from spider_jax.zoo import registry
 
@@ -51,12 +51,6 @@ def assert_same(got, want):
 def env(devices):
   return dict(os.environ, JAX_PLATFORMS="cpu",
               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-
-
-def free_port():
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
 
 
 def test_this_process_matches_host_loop(reference):
@@ -117,18 +111,10 @@ def test_four_devices_equal_one(tmp_path, reference):
 
 def test_two_processes_equal_one_process(tmp_path, reference):
   port = free_port()
-  procs = [subprocess.Popen(
-      [sys.executable, str(SCRIPT), str(tmp_path), str(port), "2", str(i)],
-      env=env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-      for i in range(2)]
-  try:
-    results = [p.communicate(timeout=120) for p in procs]
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-  for p, (stdout, stderr) in zip(procs, results):
-    assert p.returncode == 0, stderr[-3000:]
+  for rc, stdout, stderr in run_processes(
+      lambda i: [sys.executable, str(SCRIPT), str(tmp_path), str(port), "2",
+                 str(i)], 2, env=env(2), timeout=120):
+    assert rc == 0, stderr[-3000:]
     info = json.loads(stdout.strip().splitlines()[-1])
     assert info["local_devices"] == 2
     assert ["both", 32, 2, True] in info["layouts"]

@@ -11,7 +11,6 @@ import json
 import os
 import pathlib
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,7 +20,7 @@ import pytest
 
 from spider_jax import checkpoint
 
-from conftest import latest_params
+from conftest import free_port, latest_params, run_processes
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 EPOCHS = 5  # tiny: 20 steps per epoch -> 100 steps.
@@ -104,12 +103,6 @@ def test_sigterm_checkpoints_at_the_signal(store, tmp_path):
   assert 20 <= step == summary["steps"] < 600  # Saved at the signal.
 
 
-def free_port():
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 def test_two_processes_equal_four_devices(store, tmp_path):
   steps = ["--config.stop_after_steps=20"]
   four = tmp_path / "four"
@@ -120,14 +113,12 @@ def test_two_processes_equal_four_devices(store, tmp_path):
                  check=True, capture_output=True, timeout=900)
   multi = tmp_path / "multi"
   port = free_port()
-  procs = [subprocess.Popen(
-      train_cmd(multi, store, *steps, f"--coordinator_address=127.0.0.1:"
-                f"{port}", "--num_processes=2", f"--process_id={i}"),
-      cwd=REPO, env=env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-      text=True) for i in range(2)]
-  for p in procs:
-    _, err = p.communicate(timeout=900)
-    assert p.returncode == 0, err[-3000:]
+  for rc, _, err in run_processes(
+      lambda i: train_cmd(multi, store, *steps, "--coordinator_address="
+                          f"127.0.0.1:{port}", "--num_processes=2",
+                          f"--process_id={i}"),
+      2, env=env(2), timeout=900, cwd=REPO):
+    assert rc == 0, err[-3000:]
   # Cross-device sums (loss, gradients) run in a different order on each
   # layout, so the floats agree to rounding, not bit for bit -- except in
   # directions the loss cannot see: the Plackett-Luce loss ignores a shift of
