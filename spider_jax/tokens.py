@@ -3,8 +3,9 @@
 A task is represented by its class prototypes: the per-class mean of
 L2-normalised features (`task_token="prototype"`, Model Spider), or the
 prototype concatenated with the per-class, per-dimension standard deviation
-of those features (`"prototype_spread"`, twice as wide). Prototypes are padded to a static *bucket* so that
-jit compiles once per bucket, and a boolean mask marks the real rows.
+of those features (`"prototype_spread"`, twice as wide). Tokens are padded
+to a static *bucket* so that jit compiles once per bucket, and a boolean
+mask marks the real rows.
 
 Every function accepts numpy or JAX arrays and returns the same kind (numpy
 in the host-side data pipeline, jnp under jit).

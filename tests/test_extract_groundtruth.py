@@ -201,7 +201,8 @@ def test_two_processes_build_the_same_store(tiny, tmp_path):
   port = free_port()
   info = []
   for rc, stdout, stderr in run_processes(
-      lambda i: [sys.executable, str(REPO / "tests" / "bench_multihost_check.py"),
+      lambda i: [sys.executable, str(REPO / "tests" /
+                                     "bench_multihost_check.py"),
                  str(tmp_path), str(port), "2", str(i), cfg.results_dir],
       2, env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=600):
     assert rc == 0, stderr[-3000:]
