@@ -224,6 +224,32 @@ def test_two_processes_build_the_same_store(tiny, tmp_path):
       [one.ground_truth().row(n) for n in one.task_names("target")])
 
 
+def test_rank_tiny_on_two_processes(tiny, tmp_path):
+  """`python -m spider_jax.rank` on 2 processes (jax.distributed on
+  localhost) builds the `:tiny` benchmark together from an empty cache,
+  trains and ranks; process 0 writes the report."""
+  cfg, _ = tiny
+  port = free_port()
+  argv = [sys.executable, "-m", "spider_jax.rank",
+          "--config=configs/rank.py:tiny",
+          f"--config.bench.cache_dir={tmp_path / 'cache'}",
+          f"--config.bench.ground_truth_from={cfg.results_dir}",
+          "--config.rank.methods=spider,prior,nce",
+          "--config.rank.plots=False", f"--workdir={tmp_path / 'run'}",
+          f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2"]
+  for rc, _, stderr in run_processes(
+      lambda i: argv + [f"--process_id={i}"], 2, timeout=600, cwd=REPO,
+      env=dict(os.environ, JAX_PLATFORMS="cpu")):
+    assert rc == 0, stderr[-3000:]
+  report = json.loads((tmp_path / "run" / "rank" / "results.json")
+                      .read_text())
+  assert {"spider(k=0)", "prior", "nce"} <= set(report["methods"])
+  assert report["ground_truth_status"] == "complete"
+  for m in report["methods"]:
+    assert np.isfinite(report["mean"][m]["weighted_tau"]), m
+  assert len(list((tmp_path / "cache" / "stores").iterdir())) == 1
+
+
 def test_rank_tiny_end_to_end(tiny, tmp_path):
   """`rank --config=configs/rank.py:tiny`: every method, files, cache reuse."""
   from configs import rank as rank_config
