@@ -303,6 +303,11 @@ def _check_shape(x, *, what: str, n: int):
   return x
 
 
+# Smallest non-zero row max of source probabilities that NCE's arithmetic
+# first-argmax orders exactly (a softmax row's max is >= 1/S).
+MIN_PROB_ROW_MAX = 2.0 ** -900
+
+
 def _value_error(x, *, what: str, probs: bool) -> BaselineError | None:
   """The exact (host) value check, run only when the device check fails."""
   a = np.asarray(x, dtype=np.float64)
@@ -315,7 +320,7 @@ def _value_error(x, *, what: str, probs: bool) -> BaselineError | None:
                          "softmax(logits), not logits.")
   if probs and a.size:
     row_max = np.max(a, axis=1)
-    tiny = int(np.sum((row_max > 0) & (row_max < 2.0 ** -900)))
+    tiny = int(np.sum((row_max > 0) & (row_max < MIN_PROB_ROW_MAX)))
     if tiny:
       return BaselineError(
           f"{what} has {tiny} rows whose largest value is below 2^-900 but "

@@ -15,9 +15,6 @@ import jax.numpy as jnp
 from spider_jax.baselines import _common
 
 
-MIN_ROW_MAX = 2.0 ** -900   # smallest non-zero row max `first_argmax` handles
-
-
 def first_argmax(x: jax.Array, m: jax.Array | None = None) -> jax.Array:
   """`np.argmax(x, axis=1)` (first maximum of each row) of non-negative rows.
 
@@ -31,8 +28,8 @@ def first_argmax(x: jax.Array, m: jax.Array | None = None) -> jax.Array:
 
   Args:
     x: [N, S] finite and non-negative, each row's max 0 or at least
-      `MIN_ROW_MAX` (2^-900; a softmax row's max is >= 1/S). Other rows
-      give an unspecified index.
+      `_common.MIN_PROB_ROW_MAX` (2^-900). Other rows give an unspecified
+      index.
     m: [N] row maxima of x if already computed, else None.
 
   Returns:
@@ -40,7 +37,7 @@ def first_argmax(x: jax.Array, m: jax.Array | None = None) -> jax.Array:
   """
   s = x.shape[1]
   m = jnp.max(x, axis=1) if m is None else m
-  r = (2.0 ** 60 * s) / jnp.maximum(m, MIN_ROW_MAX)
+  r = (2.0 ** 60 * s) / jnp.maximum(m, _common.MIN_PROB_ROW_MAX)
   cols = jax.lax.optimization_barrier(jnp.arange(s, dtype=x.dtype))
   v = (x - m[:, None]) * r[:, None] - cols[None, :]
   return (-jnp.max(v, axis=1)).astype(jnp.int32)
@@ -51,13 +48,13 @@ def _core(theta, aux, key, *, num_classes):
 
   The row max (needed by the argmax) and row min are the input check:
   jnp.max / jnp.min propagate NaN, +Inf shows in the max, -Inf and negative
-  values in the min, and a row max in (0, MIN_ROW_MAX) is refused.
+  values in the min, and a row max in (0, MIN_PROB_ROW_MAX) is refused.
   """
   del key
   n, s = theta.shape
   m = jnp.max(theta, axis=1)
   valid = jnp.all(jnp.isfinite(m) & (jnp.min(theta, axis=1) >= 0)
-                  & ((m == 0) | (m >= MIN_ROW_MAX)))
+                  & ((m == 0) | (m >= _common.MIN_PROB_ROW_MAX)))
   z = first_argmax(theta, m)
   joint = jnp.zeros((s, num_classes), theta.dtype).at[z, aux["labels"]].add(
       1.0 / n)                                               # [S, C], O(N)
