@@ -16,6 +16,7 @@ import pytest
 import scipy.stats
 
 from spider_jax import baselines
+from spider_jax.baselines import _common
 from spider_jax.baselines import gbc as gbc_lib
 from spider_jax.baselines import knn as knn_lib
 from spider_jax.baselines import nleep as nleep_lib
@@ -404,7 +405,6 @@ def test_logme_tridiagonal_paths_equal_thin_svd(n, d, rank):
 
 
 def test_blocked_gram_equals_product():
-  from spider_jax.baselines import _common
   rng = np.random.default_rng(0)
   a = rng.normal(size=(50, 1100))
   np.testing.assert_allclose(np.asarray(_common.gram(jax.numpy.asarray(a))),
@@ -447,14 +447,13 @@ def test_knn_top_k_first_is_stable_descending_order():
   rng = np.random.default_rng(0)
   s = rng.integers(0, 5, size=(6, 20)).astype(float)
   s[0, 4] = -np.inf
-  got = knn_lib.top_k_first(jax.numpy.asarray(s), 5,
+  got = _common.top_k_first(jax.numpy.asarray(s), 5,
                             jax.numpy.arange(20, dtype=jax.numpy.int32))
   want = np.argsort(-s, axis=1, kind="stable")[:, :5]
   np.testing.assert_array_equal(np.asarray(got), want)
 
 
 def test_labels_remap_paths_and_prepared_cache():
-  from spider_jax.baselines import _common
   for y in (np.array([5, 2, 5, 9, 2]), np.array([-3, 7, 7, -3, 0]),
             np.array([0, 10**9, 3, 3], np.int64),
             np.array([1, 0, 1, 0], np.uint8)):

@@ -442,6 +442,29 @@ def pinv_hermitian_parts(a: jax.Array, rcond: float = 1e-15):
   return inv, v
 
 
+def top_k_first(sims: jax.Array, k: int, cols: jax.Array) -> jax.Array:
+  """Column indices of the k largest entries of each row, ties to lower index.
+
+  Args:
+    sims: [B, N] finite values (-inf entries are never picked while k finite
+      entries remain).
+    k: static number of columns.
+    cols: [N] int32 `arange(N)` (pass it through `optimization_barrier`).
+
+  Returns:
+    [B, k] int32, row i = the first k of `argsort(-sims[i], kind="stable")`.
+  """
+  n = sims.shape[1]
+  picked = []
+  for j in range(k):
+    m = jnp.max(sims, axis=1, keepdims=True)
+    i = jnp.min(jnp.where(sims == m, cols[None, :], n), axis=1)
+    picked.append(i)
+    if j + 1 < k:
+      sims = jnp.where(cols[None, :] == i[:, None], -jnp.inf, sims)
+  return jnp.stack(picked, axis=1)
+
+
 def gram(a: jax.Array, *, rows: bool = False) -> jax.Array:
   """Symmetric Gram matrix a^T a ([D, D]), or a a^T ([N, N]) with `rows`.
 

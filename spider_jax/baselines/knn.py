@@ -20,29 +20,6 @@ import numpy as np
 from spider_jax.baselines import _common
 
 
-def top_k_first(sims: jax.Array, k: int, cols: jax.Array) -> jax.Array:
-  """Column indices of the k largest entries of each row, ties to lower index.
-
-  Args:
-    sims: [B, N] finite values (-inf entries are never picked while k finite
-      entries remain).
-    k: static number of columns.
-    cols: [N] int32 `arange(N)` (pass it through `optimization_barrier`).
-
-  Returns:
-    [B, k] int32, row i = the first k of `argsort(-sims[i], kind="stable")`.
-  """
-  n = sims.shape[1]
-  picked = []
-  for j in range(k):
-    m = jnp.max(sims, axis=1, keepdims=True)
-    i = jnp.min(jnp.where(sims == m, cols[None, :], n), axis=1)
-    picked.append(i)
-    if j + 1 < k:
-      sims = jnp.where(cols[None, :] == i[:, None], -jnp.inf, sims)
-  return jnp.stack(picked, axis=1)
-
-
 def _core(f, aux, key, *, num_classes, k, block):
   del key
   n = f.shape[0]
@@ -61,7 +38,7 @@ def _core(f, aux, key, *, num_classes, k, block):
     sims = rows @ fn.T                                        # [block, N]
     idx = start + jnp.arange(block, dtype=jnp.int32)
     sims = jnp.where(idx[:, None] == cols[None, :], -jnp.inf, sims)
-    nb = top_k_first(sims, k, cols)                           # [block, k]
+    nb = _common.top_k_first(sims, k, cols)                   # [block, k]
     votes = jnp.einsum("bk,bkc->bc", jnp.broadcast_to(weights, nb.shape),
                        jax.nn.one_hot(labels[nb], num_classes, dtype=f.dtype))
     pred = jnp.argmax(votes, axis=1)

@@ -91,15 +91,6 @@ def _sq_dists(x, centers):
           + jnp.sum(centers * centers, axis=1)[None, :])
 
 
-def _first_argmin(a):
-  """[T, N] -> [T] `jnp.argmin(a, axis=1)` (first minimum) as two plain
-  reductions, which XLA's CPU backend vectorises (its variadic argmin
-  reduction is ~3x slower)."""
-  idx = jax.lax.broadcasted_iota(jnp.int32, a.shape, 1)
-  low = jnp.min(a, axis=1, keepdims=True)
-  return jnp.min(jnp.where(a == low, idx, a.shape[1]), axis=1)
-
-
 def kmeans(x: jax.Array, key: jax.Array, k: int, *, max_iter: int = 300,
            tol: float = 1e-4) -> jax.Array:
   """k-means++ seeding then Lloyd iterations (sklearn's defaults).
@@ -122,15 +113,17 @@ def kmeans(x: jax.Array, key: jax.Array, k: int, *, max_iter: int = 300,
   closest = jnp.sum((x - x[first]) ** 2, axis=1)
 
   tiny = jnp.finfo(x.dtype).tiny
+  cols = jax.lax.optimization_barrier(jnp.arange(n, dtype=jnp.int32))
 
   def seed(i, carry):
     centers, closest = carry
     # jax.random.categorical(kk, log(closest), shape=(trials,)) draws
     # argmax(log(closest) - log(-log U)); the same draw is
-    # argmin(-log(U) / closest): one log per point instead of two.
+    # argmax(log(U) / closest): one log per point instead of two.
     u = jax.random.uniform(jax.random.fold_in(key, i), (trials, n), x.dtype,
                            minval=tiny, maxval=1.0)
-    cand = _first_argmin(-jnp.log(u) / jnp.maximum(closest, 0.0))
+    cand = _common.top_k_first(jnp.log(u) / jnp.maximum(closest, 0.0),
+                               1, cols)[:, 0]
     d2 = jnp.minimum(closest[None, :], _sq_dists(x, x[cand]).T)  # [T, N]
     best = jnp.argmin(jnp.sum(d2, axis=1))
     return centers.at[i].set(x[cand[best]]), d2[best]
