@@ -342,18 +342,14 @@ def extract_store(cfg, pools: Mapping[str, builders.Pool],
   todo = [n for n, d in zip(names, is_done) if not d]
   skipped = [n for n, d in zip(names, is_done) if d]
   t_start = time.perf_counter()
-  if not todo and not writer:
-    sharding.barrier("extract_store_done")  # split: wait for process 0
-    return {"extracted": [], "skipped": skipped, "seconds": 0.0,
-            "seconds_per_sample": {}, "encoder_shares_weights_with": shared}
   if not todo:
     have = _finished_pools(path, "seconds_per_sample")
-    if set(reg) - set(have):  # e.g. a store whose meta.json was rebuilt
+    if writer and set(reg) - set(have):  # e.g. meta.json was rebuilt
       w = open_writer(path, cfg, reg, extra_meta)
       w.set_seconds_per_sample(measure_seconds_per_sample(
           cfg, reg, pools[names[0]].images, shared))
       w.close()
-    if split:
+    if split:  # The others wait for process 0's writes.
       sharding.barrier("extract_store_done")
     return {"extracted": [], "skipped": skipped, "seconds": 0.0,
             "seconds_per_sample": _finished_pools(path, "seconds_per_sample"),
