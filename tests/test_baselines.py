@@ -429,8 +429,17 @@ def test_first_argmax_matches_numpy_on_ties_and_scales():
     q[2, 4] = 1.7e308 if trial % 4 == 1 else q[2, 4]   # near the top
     q[1, 5] = q[1].max()
     q[1, 3] = np.nextafter(q[1, 5], 0.0)           # one ulp below the max
-    np.testing.assert_array_equal(np.asarray(fn(jax.numpy.asarray(q))),
-                                  np.argmax(q, axis=1), err_msg=str(q))
+    index, ordered = fn(jax.numpy.asarray(q))
+    assert np.all(np.asarray(ordered))
+    np.testing.assert_array_equal(np.asarray(index), np.argmax(q, axis=1),
+                                  err_msg=str(q))
+  # Rows it cannot order are flagged, not given a wrong index.
+  q = np.ones((5, 4))
+  q[1, 2], q[2, 0], q[3] = np.nan, np.inf, 1e-280
+  q[4] = [0.0, 2.0 ** -1000, 0.0, 2.0 ** -1000]
+  _, ordered = fn(jax.numpy.asarray(q))
+  np.testing.assert_array_equal(np.asarray(ordered),
+                                [True, False, False, False, False])
 
 
 def test_nce_refuses_rows_first_argmax_cannot_order():
@@ -640,3 +649,14 @@ def test_prior_on_released_training_rankings():
     taus.append(metrics.weighted_tau(gt.row(t), scores))
   # The task-agnostic prior is a strong baseline on this zoo (official 5.2).
   assert np.mean(taus) > 0.6, taus
+
+
+def test_nce_refuses_nan_and_inf_at_sizes_where_xla_max_skips_nan():
+  # XLA:CPU's max / min reductions drop NaN on arrays this large (jax
+  # 0.10), so NCE's input check must not rely on them.
+  data = load_case("d_binary")
+  for bad in (np.nan, np.inf, -np.inf):
+    p = data["source_probs"].copy()
+    p[3, 2] = bad
+    with pytest.raises(baselines.BaselineError, match="NaN/Inf"):
+      baselines.score("nce", p, data["labels"])

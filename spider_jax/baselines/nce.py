@@ -15,47 +15,58 @@ import jax.numpy as jnp
 from spider_jax.baselines import _common
 
 
-def first_argmax(x: jax.Array, m: jax.Array | None = None) -> jax.Array:
+def first_argmax(x: jax.Array) -> tuple[jax.Array, jax.Array]:
   """`np.argmax(x, axis=1)` (first maximum of each row) of non-negative rows.
 
-  Arithmetic instead of XLA:CPU's argmax reduction (a scalar loop, ~10 ms
-  for 5000 x 1000 float64 against ~1 ms here): with m the row max and
+  Arithmetic instead of XLA:CPU's argmax reduction (a scalar loop, ~20 ms
+  for 5000 x 1000 float64 against ~2 ms here): with m the row max and
   r = 2^60 S / m, value_j = (x_j - m) r - j is exactly -j at a maximum and
   below -S elsewhere (a gap m - x_j > 0 is at least m 2^-54, so it scales
   to >= 64 S), so the row max of value is -(first maximum). An all-zero row
-  gives 0, like numpy. No branch on the data: a `lax.cond` fallback copied
-  x and cost more than the whole argmax.
+  gives 0, like numpy.
+
+  Rows whose max lies in (0, `_common.MIN_PROB_ROW_MAX`), which the
+  arithmetic cannot order, get r = NaN and come back not `ordered`. NaN
+  and Inf entries are the caller's check: XLA:CPU's max reduction skips
+  NaN at large sizes, so no flag computed from a row max can see them.
+  The flag comes out of the same row max on purpose: using m outside it
+  splits XLA:CPU's fused max-then-argmax into two passes (+1 ms at
+  5000 x 1000), and a `jnp.where` inside it falls off the fast path (10x).
 
   Args:
-    x: [N, S] finite and non-negative, each row's max 0 or at least
-      `_common.MIN_PROB_ROW_MAX` (2^-900). Other rows give an unspecified
-      index.
-    m: [N] row maxima of x if already computed, else None.
+    x: [N, S] finite and non-negative (the caller checks).
 
   Returns:
-    [N] int32 column index of each row's first maximum.
+    (index [N] int32, ordered [N] bool); index is unspecified where
+    ordered is False.
   """
   s = x.shape[1]
-  m = jnp.max(x, axis=1) if m is None else m
-  r = (2.0 ** 60 * s) / jnp.maximum(m, _common.MIN_PROB_ROW_MAX)
+  lo = _common.MIN_PROB_ROW_MAX
+  m = jnp.max(x, axis=1)
+  # t > 0 exactly when 0 < m < lo (both factors lie in (0, 1] there; the
+  # 2^900 keeps their product clear of underflow), else t = 0; sqrt(-t) is
+  # then NaN or -0.
+  t = (jnp.minimum(m, lo) * 2.0 ** 900) * (jnp.maximum(lo - m, 0.0)
+                                           * 2.0 ** 900)
+  r = (2.0 ** 60 * s) / jnp.maximum(m, lo) + jnp.sqrt(-t)
   cols = jax.lax.optimization_barrier(jnp.arange(s, dtype=x.dtype))
-  v = (x - m[:, None]) * r[:, None] - cols[None, :]
-  return (-jnp.max(v, axis=1)).astype(jnp.int32)
+  v = jnp.max((x - m[:, None]) * r[:, None] - cols[None, :], axis=1)
+  ordered = (v <= 0) & (v > -s)     # False for NaN and -inf (all-NaN rows)
+  return (-jnp.where(ordered, v, 0.0)).astype(jnp.int32), ordered
 
 
 def _core(theta, aux, key, *, num_classes):
   """NCE, or NaN when theta is not valid input to `first_argmax`.
 
-  The row max (needed by the argmax) and row min are the input check:
-  jnp.max / jnp.min propagate NaN, +Inf shows in the max, -Inf and negative
-  values in the min, and a row max in (0, MIN_PROB_ROW_MAX) is refused.
+  The input check: a sum for NaN/Inf (XLA:CPU's max and min reductions
+  skip NaN at these sizes, a sum cannot), a row min for negative values,
+  and `first_argmax`'s ordered flag for row maxima in (0, MIN_PROB_ROW_MAX).
   """
   del key
   n, s = theta.shape
-  m = jnp.max(theta, axis=1)
-  valid = jnp.all(jnp.isfinite(m) & (jnp.min(theta, axis=1) >= 0)
-                  & ((m == 0) | (m >= _common.MIN_PROB_ROW_MAX)))
-  z = first_argmax(theta, m)
+  z, ordered = first_argmax(theta)
+  valid = (jnp.isfinite(jnp.sum(theta)) & jnp.all(ordered)
+           & jnp.all(jnp.min(theta, axis=1) >= 0))
   joint = jnp.zeros((s, num_classes), theta.dtype).at[z, aux["labels"]].add(
       1.0 / n)                                               # [S, C], O(N)
   p_z = jnp.sum(joint, axis=1)
