@@ -24,6 +24,32 @@ import jax
 import jax.numpy as jnp
 
 
+def plackett_luce_terms(scores: jax.Array,
+                        ground_truth: jax.Array) -> jax.Array:
+  """Per-task Plackett-Luce negative log-likelihood, ties handled.
+
+  Args:
+    scores: [B, M] predicted scores.
+    ground_truth: [B, M] accuracies, higher is better.
+
+  Returns:
+    [B] float32: the sum over each task's M terms (see module doc).
+  """
+  scores = scores.astype(jnp.float32)
+  m = scores.shape[-1]
+  g = ground_truth
+  # competitors[b, i, l]: l competes with i at i's position.
+  competitors = (g[:, None, :] < g[:, :, None]) | jnp.eye(m, dtype=bool)[None]
+  lse = jax.nn.logsumexp(jnp.where(competitors, scores[:, None, :], -jnp.inf),
+                         axis=-1)
+  return jnp.sum(lse - scores, axis=-1)
+
+
+def loss_denominator(weights: jax.Array, num_ptms: int) -> jax.Array:
+  """[] sum(weights) * (M - 1), the normaliser of `plackett_luce_loss`."""
+  return jnp.maximum(weights.sum(), 1.0) * max(num_ptms - 1, 1)
+
+
 def plackett_luce_loss(scores: jax.Array, ground_truth: jax.Array,
                        weights: jax.Array | None = None) -> jax.Array:
   """Mean Plackett-Luce negative log-likelihood, ties handled (see module doc).
@@ -36,15 +62,8 @@ def plackett_luce_loss(scores: jax.Array, ground_truth: jax.Array,
   Returns:
     Scalar: sum of terms / (sum(weights) * (M - 1)).
   """
-  scores = scores.astype(jnp.float32)
-  m = scores.shape[-1]
-  g = ground_truth
-  # competitors[b, i, l]: l competes with i at i's position.
-  competitors = (g[:, None, :] < g[:, :, None]) | jnp.eye(m, dtype=bool)[None]
-  lse = jax.nn.logsumexp(jnp.where(competitors, scores[:, None, :], -jnp.inf),
-                         axis=-1)
-  per_task = jnp.sum(lse - scores, axis=-1)  # [B]
+  per_task = plackett_luce_terms(scores, ground_truth)
   if weights is None:
     weights = jnp.ones(per_task.shape, jnp.float32)
-  return jnp.sum(per_task * weights) / (jnp.maximum(weights.sum(), 1.0) *
-                                        max(m - 1, 1))
+  return jnp.sum(per_task * weights) / loss_denominator(weights,
+                                                        scores.shape[-1])

@@ -72,17 +72,21 @@ class Ranker:
   """A trained Model Spider ranker (parameters + zoo metadata)."""
 
   def __init__(self, graphdef, params, meta: dict, *, batch_size: int = 8,
-               model_parallel: int = 1):
+               model_parallel: int = 1, exact_chunk: int | None = None):
     self.meta = meta
+    if exact_chunk is None:  # As trained (see configs/train.py exact_chunk).
+      exact_chunk = int(meta.get("config", {}).get("exact_chunk", 0))
     self.zoo = ZooInfo(tuple(meta["ptm_names"]), tuple(meta["ptm_dims"]),
                        int(meta["generic_dim"]),
                        meta["model"].get("task_token", "prototype"))
     self.scorer = Scorer(graphdef, params, batch_size=batch_size,
-                         model_parallel=model_parallel)
+                         model_parallel=model_parallel,
+                         exact_chunk=exact_chunk)
 
   @classmethod
   def load(cls, checkpoint_dir, step: int | None = None, *,
-           batch_size: int = 8, model_parallel: int = 1) -> "Ranker":
+           batch_size: int = 8, model_parallel: int = 1,
+           exact_chunk: int | None = None) -> "Ranker":
     """Loads the best (else latest) step of an orbax checkpoint directory.
 
     Args:
@@ -90,13 +94,15 @@ class Ranker:
       step: a specific step; default the best on validation, else latest.
       batch_size: tasks per compiled call.
       model_parallel: devices that split the zoo (2-D tasks x PTMs mesh).
+      exact_chunk: tasks per fixed-shape scoring chunk (`Scorer`); None =
+        the value the checkpoint was trained with.
     """
     step, meta = checkpoint.read_meta(pathlib.Path(checkpoint_dir), step)
     graphdef, abstract = nnx.split(nnx.eval_shape(lambda: model_from_meta(
         meta)))
     params = checkpoint.restore_params(checkpoint_dir, abstract, step)
     return cls(graphdef, params, meta, batch_size=batch_size,
-               model_parallel=model_parallel)
+               model_parallel=model_parallel, exact_chunk=exact_chunk)
 
   @property
   def ptm_names(self) -> tuple[str, ...]:

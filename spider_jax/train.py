@@ -30,7 +30,8 @@ from spider_jax import checkpoint, metrics, sharding
 from spider_jax.data.sampler import TrainingSampler
 from spider_jax.data.store import FeatureStore
 from spider_jax.data.synthetic import SyntheticSpec, write_synthetic_store
-from spider_jax.losses import plackett_luce_loss
+from spider_jax.losses import (loss_denominator, plackett_luce_loss,
+                               plackett_luce_terms)
 from spider_jax.model import FitnessTransformer, ModelConfig
 from spider_jax.scoring import Scorer, ZooInfo, score_tasks
 
@@ -127,23 +128,91 @@ def make_optimizer(config, steps_per_epoch: int) -> optax.GradientTransformation
   return optax.adam(lambda step: cosine(step // steps_per_epoch))
 
 
-def make_train_step(graphdef, tx, mesh):
-  """The jitted, donated step: (params, train_state, batch, key) -> new."""
+def _slots(batch):
+  return ({k: batch[k] for k in ("h", "h_mask", "ptm")}
+          if "h" in batch else None)
+
+
+def _fixed_order_sum(stacked):
+  """x[0] + x[1] + ... along axis 0 of every leaf, in that order."""
+  total = jax.tree.map(lambda x: x[0], stacked)
+  for i in range(1, jax.tree.leaves(stacked)[0].shape[0]):
+    total = jax.tree.map(lambda t, x, i=i: t + x[i], total, stacked)
+  return total
+
+
+def exact_loss_and_grad(graphdef, params, batch, key, chunk: int, mesh):
+  """Loss and gradients whose floats do not depend on the device layout.
+
+  The batch is cut into chunks of `chunk` tasks; `lax.map` runs the same
+  [chunk]-task forward and backward pass for each chunk on whichever device
+  holds it, and the per-chunk loss sums and gradients are gathered and added
+  in chunk order on every device. Chunk i's dropout key is
+  fold_in(key, i). So 1 device, 4 devices and 2 hosts x 2 devices give the
+  same bits (`tests/test_multihost.py`).
+
+  Args:
+    graphdef, params: the model.
+    batch: the sharded training batch ([B, ...] leaves).
+    key: the step's dropout key.
+    chunk: tasks per chunk; must divide B / data-parallel devices.
+    mesh: the training mesh.
+
+  Returns:
+    (loss [], grads like params), equal in value to `plackett_luce_loss`
+    and its gradient up to rounding.
+  """
+  b = batch["u"].shape[0]
+  groups = b // chunk
+  if b % chunk or groups % mesh.shape["data"]:
+    raise ValueError(f"exact_chunk={chunk} must divide the per-device batch "
+                     f"({b} tasks over {mesh.shape['data']} devices).")
+  chunks = jax.tree.map(lambda x: x.reshape((groups, chunk) + x.shape[1:]),
+                        batch)
+  index = jax.lax.with_sharding_constraint(
+      jnp.arange(groups), sharding.batch_sharded(mesh))
+
+  def one(args):
+    c, i = args
+    def loss_sum(p):
+      scores = nnx.merge(graphdef, p)(c["u"], c["u_mask"], _slots(c),
+                                      rng=jax.random.fold_in(key, i))
+      return jnp.sum(plackett_luce_terms(scores, c["gt"]) * c["weight"])
+    return jax.value_and_grad(loss_sum)(params)
+
+  sums = jax.lax.with_sharding_constraint(
+      jax.lax.map(one, (chunks, index)), sharding.replicated(mesh))
+  loss, grads = _fixed_order_sum(sums)
+  denom = loss_denominator(batch["weight"], batch["gt"].shape[-1])
+  # The barrier materialises the result, so the caller's optimizer update
+  # is not fused with the layout-dependent code above (XLA may otherwise
+  # contract its products and sums into FMAs differently on each layout).
+  return jax.lax.optimization_barrier(
+      (loss / denom, jax.tree.map(lambda g: g / denom, grads)))
+
+
+def make_train_step(graphdef, tx, mesh, exact_chunk: int = 0):
+  """The jitted, donated step: (params, train_state, batch, key) -> new.
+
+  exact_chunk > 0 computes the loss and gradients with
+  `exact_loss_and_grad` (same floats on any device layout); 0 lets XLA sum
+  over the whole batch (faster; layouts agree to rounding).
+  """
   rep = sharding.replicated(mesh)
 
   @functools.partial(jax.jit, donate_argnums=(0, 1),
                      out_shardings=(rep, rep, rep))
   def train_step(params, train_state, batch, key):
     key = jax.random.fold_in(key, train_state["step"])
-    slots = ({k: batch[k] for k in ("h", "h_mask", "ptm")}
-             if "h" in batch else None)
-
-    def loss_fn(p):
-      scores = nnx.merge(graphdef, p)(batch["u"], batch["u_mask"], slots,
-                                      rng=key)
-      return plackett_luce_loss(scores, batch["gt"], batch["weight"])
-
-    loss, grads = jax.value_and_grad(loss_fn)(params)
+    if exact_chunk:
+      loss, grads = exact_loss_and_grad(graphdef, params, batch, key,
+                                        exact_chunk, mesh)
+    else:
+      def loss_fn(p):
+        scores = nnx.merge(graphdef, p)(batch["u"], batch["u_mask"],
+                                        _slots(batch), rng=key)
+        return plackett_luce_loss(scores, batch["gt"], batch["weight"])
+      loss, grads = jax.value_and_grad(loss_fn)(params)
     updates, opt = tx.update(grads, train_state["opt"], params)
     params = optax.apply_updates(params, updates)
     return params, {"opt": opt, "step": train_state["step"] + 1}, {
@@ -300,9 +369,10 @@ def train(config: ml_collections.ConfigDict, workdir,
       start = int(train_state["step"])
       val = meta.get("val", {})
       logging.info("Resumed from step %d", start)
-    step_fn = make_train_step(graphdef, tx, mesh)
+    step_fn = make_train_step(graphdef, tx, mesh, config.exact_chunk)
     scorer = Scorer(graphdef, params, mesh=mesh,
-                    batch_size=config.eval_batch_size)
+                    batch_size=config.eval_batch_size,
+                    exact_chunk=config.exact_chunk)
     key = jax.random.key(config.seed)
     log = open(workdir / "metrics.jsonl", "a") if is_main else None
     t0 = time.time()

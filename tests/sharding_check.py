@@ -1,7 +1,8 @@
 """Run in a subprocess with 4 simulated CPU devices (see test_sharding.py).
 
 Prints the max |difference| between 1-device and 4-device results of
-(a) scoring with and without re-ranking slots and (b) one train step.
+(a) scoring with and without re-ranking slots and (b) one train step, in
+the default batched mode and with exact_chunk=1 (fixed-order chunks).
 """
 
 import json
@@ -24,7 +25,7 @@ from spider_jax.scoring import Scorer, score_tasks  # noqa: E402
 from spider_jax.train import build_model, make_train_step, zoo_of  # noqa: E402
 
 
-def run(devices, store, cfg):
+def run(devices, store, cfg, exact_chunk=0):
   mesh = sharding.data_mesh(devices)
   zoo = zoo_of(store)
   rep = sharding.replicated(mesh)
@@ -32,7 +33,8 @@ def run(devices, store, cfg):
   params = jax.jit(lambda: nnx.split(build_model(cfg, zoo, 0))[1],
                    out_shardings=rep)()
   tasks = [store.task(n) for n in store.task_names()]
-  scorer = Scorer(graphdef, params, mesh=mesh, batch_size=8)
+  scorer = Scorer(graphdef, params, mesh=mesh, batch_size=8,
+                  exact_chunk=exact_chunk)
   s0 = score_tasks(scorer, tasks, zoo, k=0)
   s2 = score_tasks(scorer, tasks, zoo, k=2)
   sampler = TrainingSampler(store, store.task_names("train"), batch_size=8,
@@ -42,7 +44,7 @@ def run(devices, store, cfg):
   tx = optax.sgd(1.0)
   state = {"opt": jax.jit(tx.init, out_shardings=rep)(params),
            "step": jax.device_put(np.int32(0), rep)}
-  step = make_train_step(graphdef, tx, mesh)
+  step = make_train_step(graphdef, tx, mesh, exact_chunk)
   batch = sampler.batch(0)
   batch["ptm"][:, :2] = [[0, 1]] * 8  # Make sure slots are active.
   batch["h_mask"][:, :2, :3] = True
@@ -62,6 +64,14 @@ def main():
         num_ptms=5, num_train=16, num_val=2, num_target=6, seed=1))
     one = run(jax.devices()[:1], store, cfg)
     four = run(jax.devices(), store, cfg)
+    exact = [run(d, store, cfg, exact_chunk=1)
+             for d in (jax.devices()[:1], jax.devices()[:2], jax.devices())]
+    # Without dropout (whose keys differ between the modes) the exact mode
+    # computes the batched mode's loss and gradients up to rounding.
+    no_drop = cfg.copy_and_resolve_references()
+    no_drop.model.dropout = 0.0
+    plain = [run(jax.devices()[:1], store, no_drop, exact_chunk=c)
+             for c in (0, 1)]
     # 2-D (tasks x PTMs) meshes: the zoo split over 2 and 4 devices (5 PTMs
     # are padded to 6 and 8).
     zoo = zoo_of(store)
@@ -79,6 +89,18 @@ def main():
       "loss": abs(one[2] - four[2]),
       "grads": max(float(np.abs(a - b).max()) for a, b in zip(one[3],
                                                                four[3])),
+      # exact_chunk=1 on 2 and 4 devices against 1 device.
+      "exact": max(
+          max(float(np.abs(e[i] - exact[0][i]).max()) for i in (0, 1))
+          + abs(e[2] - exact[0][2])
+          + max(float(np.abs(a - b).max()) for a, b in zip(e[3], exact[0][3]))
+          for e in exact[1:]),
+      # exact mode computes the same quantities as the batched mode.
+      "exact_vs_batched": max(
+          float(np.abs(exact[0][1] - one[1]).max()),
+          abs(plain[1][2] - plain[0][2]) / abs(plain[0][2]),
+          max(float(np.abs(a - b).max()) for a, b in zip(plain[1][3],
+                                                         plain[0][3]))),
   }
   print(json.dumps(out))
 

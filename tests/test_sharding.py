@@ -1,5 +1,6 @@
 """Same numbers on 1 and 4 (simulated) devices: scoring (data parallel and
-with the zoo split over devices) and a train step."""
+with the zoo split over devices) and a train step; bit for bit with
+exact_chunk."""
 
 import json
 import os
@@ -24,3 +25,7 @@ def test_one_vs_four_devices():
   assert diffs["scores_2d"] < 1e-5, diffs  # Zoo split over devices.
   assert diffs["loss"] < 1e-5, diffs
   assert diffs["grads"] < 1e-5, diffs
+  # exact_chunk=1: the same floats on 1, 2 and 4 devices, and the same
+  # quantities as the batched mode up to rounding.
+  assert diffs["exact"] == 0.0, diffs
+  assert diffs["exact_vs_batched"] < 1e-5, diffs
