@@ -1,7 +1,8 @@
-"""Flags and process setup shared by the entry points (train, rank).
+"""Flags and process setup shared by the entry points (train, rank,
+groundtruth).
 
-Only `spider_jax.train` and `spider_jax.rank` call into this module, from
-their `__main__` blocks: libraries never parse flags or touch jax.config.
+Only the entry points call into this module, from their `__main__` blocks:
+libraries never parse flags or touch jax.config.
 """
 
 from __future__ import annotations
@@ -29,6 +30,11 @@ def define_flags(default_config: str) -> None:
   except (AttributeError, KeyError) as e:
     _unknown_field(e)
   flags.DEFINE_string("workdir", "runs/default", "Run directory.")
+  define_distributed_flags()
+
+
+def define_distributed_flags() -> None:
+  """--distributed and the explicit-cluster flags (`initialize_runtime`)."""
   flags.DEFINE_bool("distributed", False,
                     "Call jax.distributed.initialize() (multi-host: TPU pod "
                     "slices and SLURM need no other flag). Also enabled by "

@@ -677,29 +677,38 @@ def _gt_meta(cfg, reg, status: str, source=None) -> dict:
 def main(argv):  # pragma: no cover - exercised via the CLI
   from absl import app  # pylint: disable=g-import-not-at-top
   from absl import flags  # pylint: disable=g-import-not-at-top
+  from spider_jax import cli  # pylint: disable=g-import-not-at-top
   if len(argv) > 1:
     raise app.UsageError("Too many command-line arguments.")
-  from absl import logging  # pylint: disable=g-import-not-at-top
-  logging.set_verbosity(logging.WARNING)
+  cli.initialize_runtime()
   cfg = flags.FLAGS.config
   deadline = None
   if flags.FLAGS.stop_after_s:
     deadline = time.time() + flags.FLAGS.stop_after_s
-  summary = run(cfg, deadline=deadline)
-  print(json.dumps({k: summary[k] for k in (
-      "counts", "ground_truth_status", "times", "best_ptm_per_target",
-      "times_best", "constant_prior_weighted_tau", "finetune_vs_probe")},
-                   indent=1, default=str))
+  main_process = jax.process_index() == 0
+  # On several processes (--distributed) all of them extract features
+  # together; process 0 alone probes, fine-tunes and writes.
+  summary = run(cfg, deadline=deadline,
+                log=print if main_process else (lambda m: None),
+                all_processes=jax.process_count() > 1)
+  sharding.barrier("groundtruth_done")
+  if main_process:
+    print(json.dumps({k: summary[k] for k in (
+        "counts", "ground_truth_status", "times", "best_ptm_per_target",
+        "times_best", "constant_prior_weighted_tau", "finetune_vs_probe")},
+                     indent=1, default=str))
 
 
 if __name__ == "__main__":
   from absl import app  # pylint: disable=g-import-not-at-top
   from absl import flags as absl_flags  # pylint: disable=g-import-not-at-top
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  from spider_jax import cli  # pylint: disable=g-import-not-at-top
   config_flags.DEFINE_config_file("config", None, "Benchmark config.",
                                   lock_config=True)
   absl_flags.DEFINE_integer("stop_after_s", 0, "Start no new fine-tune cell "
                             "after this many seconds (0: no limit); rerun "
                             "the same command to finish the rest.")
+  cli.define_distributed_flags()
   absl_flags.mark_flags_as_required(["config"])
   app.run(main)

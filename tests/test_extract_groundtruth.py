@@ -224,6 +224,43 @@ def test_two_processes_build_the_same_store(tiny, tmp_path):
       [one.ground_truth().row(n) for n in one.task_names("target")])
 
 
+def test_groundtruth_cli_on_two_processes(tiny, tmp_path):
+  """`python -m spider_jax.groundtruth` on 2 processes builds the `:tiny`
+  benchmark from an empty cache; process 0 alone prints the summary, and
+  the store equals the one-process build."""
+  cfg, summary = tiny
+  port = free_port()
+  argv = [sys.executable, "-m", "spider_jax.groundtruth",
+          "--config=configs/bench.py:tiny",
+          f"--config.cache_dir={tmp_path / 'cache'}",
+          f"--config.results_dir={tmp_path / 'results'}",
+          f"--config.ground_truth_from={cfg.results_dir}",
+          f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2"]
+  out = []
+  for rc, stdout, stderr in run_processes(
+      lambda i: argv + [f"--process_id={i}"], 2, timeout=600, cwd=REPO,
+      env=dict(os.environ, JAX_PLATFORMS="cpu")):
+    assert rc == 0, stderr[-3000:]
+    out.append(stdout)
+  printed = json.loads(out[0][out[0].index("\n{") + 1:])
+  assert printed["ground_truth_status"] == summary["ground_truth_status"]
+  assert "ground_truth_status" not in out[1]   # Only gloo's connect line.
+  stores = list((tmp_path / "cache" / "stores").iterdir())
+  assert [p.name for p in stores] == [pathlib.Path(summary["store"]).name]
+  two, one = FeatureStore(stores[0]), FeatureStore(summary["store"])
+  assert two.task_names() == one.task_names()
+  for name in one.task_names():
+    np.testing.assert_allclose(two.task(name).generic, one.task(name).generic,
+                               rtol=1e-5, atol=1e-4)
+    for ptm in one.ptm_names:
+      np.testing.assert_allclose(two.task(name).ptm_features(ptm),
+                                 one.task(name).ptm_features(ptm),
+                                 rtol=1e-5, atol=1e-4, err_msg=ptm)
+  np.testing.assert_allclose(
+      [two.ground_truth().row(n) for n in one.task_names("target")],
+      [one.ground_truth().row(n) for n in one.task_names("target")])
+
+
 def test_rank_tiny_on_two_processes(tiny, tmp_path):
   """`python -m spider_jax.rank` on 2 processes (jax.distributed on
   localhost) builds the `:tiny` benchmark together from an empty cache,
