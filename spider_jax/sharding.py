@@ -61,19 +61,52 @@ def pad_to_multiple(n: int, multiple: int) -> int:
   return -(-n // multiple) * multiple
 
 
-def put_batch(batch: dict, mesh: Mesh) -> dict:
-  """Places a dict of host arrays on the mesh, split along axis 0.
+def process_rows(global_size: int, mesh: Mesh) -> slice:
+  """The rows of a [global_size, ...] batch that this process's devices hold.
 
-  Every process holds the same global batch (batches are a function of the
-  step) and contributes the rows of its own devices, so this works on one
-  host and on many. Leading axes must be divisible by the mesh size.
+  The batch is split along axis 0 over "data" (`batch_sharded`); a process
+  holds one contiguous block of it (the layout
+  `jax.make_array_from_process_local_data` expects).
+
+  Raises:
+    ValueError: the mesh interleaves this process's devices with others'.
+  """
+  index = batch_sharded(mesh).addressable_devices_indices_map((global_size,))
+  blocks = sorted({s[0].indices(global_size)[:2] for s in index.values()})
+  lo, hi = blocks[0][0], blocks[-1][1]
+  if sum(b - a for a, b in blocks) != hi - lo:
+    raise ValueError(f"process {jax.process_index()} holds rows {blocks} of "
+                     "the batch, not one block: order the mesh's devices by "
+                     "process (jax.make_mesh does).")
+  return slice(lo, hi)
+
+
+def put_local_batch(local: dict, global_size: int, mesh: Mesh) -> dict:
+  """Assembles a global batch from each process's own rows.
+
+  Args:
+    local: {name: [n, ...] host array}, this process's rows
+      (`process_rows(global_size, mesh)`) of every leaf.
+    global_size: B, the global batch size (divisible by the mesh size).
+    mesh: the mesh; leaves are split along axis 0 over "data".
+
+  Returns:
+    {name: [B, ...] jax.Array} (`jax.make_array_from_process_local_data`).
   """
   sh = batch_sharded(mesh)
-  out = {}
-  for k, v in batch.items():
-    v = np.asarray(v)
-    out[k] = jax.make_array_from_callback(v.shape, sh, lambda idx, v=v: v[idx])
-  return out
+  return {k: jax.make_array_from_process_local_data(
+      sh, np.asarray(v), (global_size,) + np.shape(v)[1:])
+          for k, v in local.items()}
+
+
+def put_batch(batch: dict, mesh: Mesh) -> dict:
+  """Places a dict of host arrays, the same global batch on every process,
+  on the mesh, split along axis 0 (each process contributes its rows).
+  Leading axes must be divisible by the mesh size."""
+  size = len(next(iter(batch.values())))
+  rows = process_rows(size, mesh)
+  return put_local_batch({k: np.asarray(v)[rows] for k, v in batch.items()},
+                         size, mesh)
 
 
 def any_process(flag: bool) -> bool:

@@ -374,6 +374,7 @@ def train(config: ml_collections.ConfigDict, workdir,
                     batch_size=config.eval_batch_size,
                     exact_chunk=config.exact_chunk)
     key = jax.random.key(config.seed)
+    rows = sharding.process_rows(config.batch_size, mesh)  # Built here.
     log = open(workdir / "metrics.jsonl", "a") if is_main else None
     t0 = time.time()
     stop = total if config.stop_after_steps <= 0 else min(
@@ -388,7 +389,8 @@ def train(config: ml_collections.ConfigDict, workdir,
                           checkpoint_meta(config, store, prior, val), None)
         preempted = True
         break
-      batch = sharding.put_batch(sampler.batch(step), mesh)
+      batch = sharding.put_local_batch(sampler.batch(step, rows),
+                                       config.batch_size, mesh)
       params, train_state, m = step_fn(params, train_state, batch, key)
       if (step + 1) % spe == 0 or step + 1 == total:
         epoch = (step + 1) // spe

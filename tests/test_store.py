@@ -149,3 +149,30 @@ def test_views_select_ptms_and_hide_pools(tmp_path):
     FeatureStore(full.path, exclude_pools=["nope"])
   with pytest.raises(ValueError, match="target_cell_source"):
     select_ptms(write(tmp_path / "plain"), "fine_tuned")
+
+
+def test_training_batch_rows_equal_the_full_batch_rows(small_store):
+  # A process builds only its own rows of each step's batch; the random
+  # draws cover the whole batch, so its rows are the full batch's rows.
+  from spider_jax.data.sampler import TrainingSampler
+  store = small_store
+  sampler = TrainingSampler(store, store.task_names("train"), batch_size=8,
+                            k_max=3, seed=0)
+  for step in range(4):
+    full = sampler.batch(step)
+    assert set(full) == {"u", "u_mask", "weight", "gt", "h", "h_mask", "ptm"}
+    for rows in (slice(0, 4), slice(4, 8), slice(2, 3)):
+      part = sampler.batch(step, rows)
+      for k, v in full.items():
+        np.testing.assert_array_equal(part[k], v[rows], err_msg=k)
+  assert full["h_mask"].any() or sampler.batch(1)["h_mask"].any()
+
+
+def test_process_rows_and_put_local_batch_on_one_process():
+  from spider_jax import sharding
+  mesh = sharding.data_mesh()
+  assert sharding.process_rows(8, mesh) == slice(0, 8)
+  x = np.arange(16.0).reshape(8, 2)
+  got = sharding.put_local_batch({"x": x}, 8, mesh)["x"]
+  np.testing.assert_array_equal(np.asarray(got), x)
+  assert got.sharding == sharding.batch_sharded(mesh)

@@ -113,8 +113,19 @@ class TrainingSampler:
     self.p_len = tok.bucket_size(max(t.num_classes for t in self.tasks))
     self.steps_per_epoch = max(1, math.ceil(len(self.tasks) / batch_size))
 
-  def batch(self, step: int) -> dict:
-    """The batch of global step `step` (a pure function of seed and step)."""
+  def batch(self, step: int, rows: slice = slice(None)) -> dict:
+    """The batch of global step `step` (a pure function of seed and step).
+
+    Args:
+      step: the global step.
+      rows: which of its `batch_size` tasks to build (default all); a
+        process builds only the rows its devices hold
+        (`sharding.process_rows`). The random draws are made for the whole
+        batch, so a slice equals the same rows of the full batch.
+
+    Returns:
+      The arrays of the module docstring for the selected rows.
+    """
     epoch, i = divmod(step, self.steps_per_epoch)
     order = np.random.default_rng([self.seed, epoch]).permutation(
         len(self.tasks))
@@ -123,18 +134,21 @@ class TrainingSampler:
       idx = np.concatenate([idx, order[:self.batch_size - idx.size]])
     rng = np.random.default_rng([self.seed, epoch, i, 1])
     tasks = [self.tasks[j] for j in idx]
-    rows = [self._subsample(t, rng) for t in tasks]
-    out = generic_arrays(tasks, rows, self.p_len, self.store.encoder_dim,
-                         self.task_token)
-    out["gt"] = self.gt[idx]
+    keep = [self._subsample(t, rng) for t in tasks]
+    ids = None
     if self.k_max:
       k = int(rng.integers(0, self.k_max + 1))
       m = len(self.store.ptms)
       ids = -np.ones((len(tasks), self.k_max), np.int64)
       for b in range(len(tasks)):
         ids[b, :k] = rng.choice(m, size=k, replace=False)
-      out.update(slot_arrays(tasks, ids, self.store.ptm_names,
-                             self.store.ptm_dims, rows, self.p_len))
+    tasks, keep = tasks[rows], keep[rows]
+    out = generic_arrays(tasks, keep, self.p_len, self.store.encoder_dim,
+                         self.task_token)
+    out["gt"] = self.gt[idx[rows]]
+    if ids is not None:
+      out.update(slot_arrays(tasks, ids[rows], self.store.ptm_names,
+                             self.store.ptm_dims, keep, self.p_len))
     return out
 
   def _subsample(self, task: TaskData, rng) -> np.ndarray:
