@@ -5,7 +5,8 @@
 * 20 training steps on 2 processes x 2 CPU devices (jax.distributed on
   localhost), 1 process x 4 devices and 1 device give the same parameters,
   losses, gradient norms and validation scores, bit for bit
-  (`--config.exact_chunk=1`).
+  (`--config.exact_chunk=1`), and the trained ranker's target scores are
+  the same floats on the three layouts.
 """
 
 import json
@@ -134,3 +135,24 @@ def test_two_processes_equal_four_devices(store, tmp_path):
       row.pop("time", None)
   assert losses["one"] == losses["four"] == losses["multi"]
   assert any("val_weighted_tau" in row for row in losses["one"])
+  # Scoring the target tasks (k = 2) with that ranker: the same floats on
+  # 1 device, 4 devices and 2 processes x 2 devices.
+  check = [sys.executable, str(REPO / "tests" / "exact_scores_check.py"),
+           str(one / "checkpoints"), str(store)]
+  scores = {}
+  for name, devices in (("one", 1), ("four", 4)):
+    subprocess.run(check + [str(tmp_path / f"{name}.npy")], cwd=REPO,
+                   env=env(devices), check=True, capture_output=True,
+                   timeout=600)
+    scores[name] = np.load(tmp_path / f"{name}.npy")
+  port = free_port()
+  for rc, _, err in run_processes(
+      lambda i: check + [str(tmp_path / "multi.npy"),
+                         f"--coordinator_address=127.0.0.1:{port}",
+                         "--num_processes=2", f"--process_id={i}"],
+      2, env=env(2), timeout=600, cwd=REPO):
+    assert rc == 0, err[-3000:]
+  scores["multi"] = np.load(tmp_path / "multi.npy")
+  assert scores["one"].shape[0] > 0 and np.isfinite(scores["one"]).all()
+  np.testing.assert_array_equal(scores["four"], scores["one"])
+  np.testing.assert_array_equal(scores["multi"], scores["one"])
