@@ -8,9 +8,13 @@
 Rows: LogME (fast and ICML) at (N=5000, D=1024, C=50) and (N=2000, D=2048,
 C=100); every method at (N=5000, D=1024, C=50) with C_s = 1000 source
 classes. "jax first" is the first (compiling) call; "jax" and "numpy" are
-medians of `--repeats` calls, JAX and numpy calls interleaved so that load
-from other processes hits both alike (numpy methods slower than
-`--numpy_budget` seconds per call run once). "numpy" is a plain numpy
+medians over rounds in which JAX and numpy alternate, so that load from
+other processes hits both alike. In a round each side runs a block of calls
+lasting at least 0.1 s (one call for slow methods) after an untimed
+`--pause` (default 0.2 s): OpenBLAS's worker threads keep spinning for a
+while after a numpy call and would take the second core from the next XLA
+call (numpy methods slower than `--numpy_budget` seconds per call run
+once). "numpy" is a plain numpy
 transcription of the reference algorithm (per-class Python loops, N x N
 kernels for LFC, scipy generalized eigh for SFDA, ...). For LogME:
 
@@ -436,22 +440,37 @@ def _timed(fn):
   return out, time.perf_counter() - t
 
 
-def time_pair(jax_fn, np_fn, repeats, numpy_budget):
+def _block(fn, pause, min_s=0.1):
+  """Seconds of back-to-back calls of `fn` lasting >= min_s, after an
+  untimed sleep that lets the other side's idle worker threads stop."""
+  time.sleep(pause)
+  times = []
+  while not times or sum(times) < min_s:
+    times.append(_timed(fn)[1])
+  return times
+
+
+def time_pair(jax_fn, np_fn, repeats, numpy_budget, pause):
   """(jax score, numpy score, jax first s, jax median s, numpy median s).
 
-  Warm JAX calls and numpy calls alternate; numpy repeats only while one
-  call takes less than `numpy_budget` seconds. Fast methods get extra
-  rounds (up to 50) until both sides have spent ~1 s, so that their
-  medians are not one noisy sample.
+  Rounds alternate a block of warm JAX calls and a block of numpy calls
+  (`_block`); numpy repeats only while one call takes less than
+  `numpy_budget` seconds. At least `repeats` rounds, and up to 10 until
+  both sides have spent ~2 s, so that fast methods' medians are not one
+  noisy sample.
   """
-  got, first = _timed(lambda: jax.block_until_ready(jax_fn()))
+  run_jax = lambda: jax.block_until_ready(jax_fn())  # noqa: E731
+  time.sleep(pause)
+  got, first = _timed(run_jax)
+  time.sleep(pause)
   want, t_np = _timed(np_fn)
-  warm, np_times = [], [t_np]
-  while len(warm) < repeats or (len(warm) < 50
-                                and sum(warm) + sum(np_times) < 1.0):
-    warm.append(_timed(lambda: jax.block_until_ready(jax_fn()))[1])
+  warm, np_times, rounds = [], [t_np], 0
+  while rounds < repeats or (rounds < 10
+                             and sum(warm) + sum(np_times) < 2.0):
+    warm += _block(run_jax, pause)
     if t_np < numpy_budget:
-      np_times.append(_timed(np_fn)[1])
+      np_times += _block(np_fn, pause)
+    rounds += 1
   return (float(got), want, first, statistics.median(warm),
           statistics.median(np_times))
 
@@ -464,6 +483,8 @@ def main():
   ap.add_argument("--only", default="", help="comma list of methods")
   ap.add_argument("--numpy_budget", type=float, default=2.0,
                   help="repeat numpy calls only when one takes < this (s)")
+  ap.add_argument("--pause", type=float, default=0.2,
+                  help="untimed sleep before every timed call (s)")
   ap.add_argument("--single_thread", action="store_true",
                   help="pin to one core, one BLAS / XLA thread (steadier "
                        "ratios on a shared, loaded machine)")
@@ -528,7 +549,7 @@ def main():
       xd = jax.device_put(x)            # inputs resident on the device
       got, want, first, warm, t_np = time_pair(
           lambda: spec.fn(xd, y, key=k, **opts), np_fn, reps,
-          args.numpy_budget)
+          args.numpy_budget, args.pause)
       rel = abs(got - want) / max(abs(want), 1e-300)
       rows.append((method, shape, first, warm, t_np, got, want, rel))
       print(f"{method:20s} N={shape[0]} D={shape[1]} C={shape[2]}: "
