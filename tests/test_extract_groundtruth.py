@@ -210,7 +210,13 @@ def test_two_processes_build_the_same_store(tiny, tmp_path):
   assert info[0]["store"] == info[1]["store"]
   assert "counts" in info[0]["keys"] and info[1]["keys"] == ["store"]
   assert info[0]["split_calls"] > 0 and info[1]["split_calls"] > 0
-  two, one = FeatureStore(info[0]["store"]), FeatureStore(summary["store"])
+  assert_same_store(info[0]["store"], summary["store"])
+
+
+def assert_same_store(path, reference):
+  """The stores at `path` and `reference` hold the same tasks, labels,
+  features (to 1e-4) and target ground truth."""
+  two, one = FeatureStore(path), FeatureStore(reference)
   assert two.task_names() == one.task_names()
   for name in one.task_names():
     a, b = two.task(name), one.task(name)
@@ -247,18 +253,7 @@ def test_groundtruth_cli_on_two_processes(tiny, tmp_path):
   assert "ground_truth_status" not in out[1]   # Only gloo's connect line.
   stores = list((tmp_path / "cache" / "stores").iterdir())
   assert [p.name for p in stores] == [pathlib.Path(summary["store"]).name]
-  two, one = FeatureStore(stores[0]), FeatureStore(summary["store"])
-  assert two.task_names() == one.task_names()
-  for name in one.task_names():
-    np.testing.assert_allclose(two.task(name).generic, one.task(name).generic,
-                               rtol=1e-5, atol=1e-4)
-    for ptm in one.ptm_names:
-      np.testing.assert_allclose(two.task(name).ptm_features(ptm),
-                                 one.task(name).ptm_features(ptm),
-                                 rtol=1e-5, atol=1e-4, err_msg=ptm)
-  np.testing.assert_allclose(
-      [two.ground_truth().row(n) for n in one.task_names("target")],
-      [one.ground_truth().row(n) for n in one.task_names("target")])
+  assert_same_store(stores[0], summary["store"])
 
 
 def test_rank_tiny_on_two_processes(tiny, tmp_path):
