@@ -37,6 +37,18 @@ def score(graphdef, params, u, u_mask, slots=None):
   return nnx.merge(graphdef, params)(u, u_mask, slots)
 
 
+def batch_slots(batch: dict) -> dict | None:
+  """The re-ranking slots {"h", "h_mask", "ptm"} of a batch, or None."""
+  return ({k: batch[k] for k in ("h", "h_mask", "ptm")}
+          if "h" in batch else None)
+
+
+def split_chunks(batch: dict, chunk: int) -> dict:
+  """[B, ...] leaves -> [B / chunk, chunk, ...] (for `lax.map` over chunks)."""
+  return jax.tree.map(
+      lambda x: x.reshape((x.shape[0] // chunk, chunk) + x.shape[1:]), batch)
+
+
 class Scorer:
   """Jit-compiled, device-sharded scoring with static shapes.
 
@@ -75,17 +87,12 @@ class Scorer:
       self.trace_count += 1  # Runs at trace time only.
 
       def run(b):
-        slots = ({k: b[k] for k in ("h", "h_mask", "ptm")}
-                 if "h" in b else None)
-        return score(graphdef, params, b["u"], b["u_mask"], slots)
+        return score(graphdef, params, b["u"], b["u_mask"], batch_slots(b))
 
       if not exact_chunk:
         return run(batch)
-      n = batch["u"].shape[0]
-      chunks = jax.tree.map(
-          lambda x: x.reshape((n // exact_chunk, exact_chunk) + x.shape[1:]),
-          batch)
-      return jax.lax.map(run, chunks).reshape((n, -1))
+      out = jax.lax.map(run, split_chunks(batch, exact_chunk))
+      return out.reshape((batch["u"].shape[0], -1))
 
     self._jit = jax.jit(_score,
                         out_shardings=sharding.replicated(self.mesh))

@@ -33,7 +33,8 @@ from spider_jax.data.synthetic import SyntheticSpec, write_synthetic_store
 from spider_jax.losses import (loss_denominator, plackett_luce_loss,
                                plackett_luce_terms)
 from spider_jax.model import FitnessTransformer, ModelConfig
-from spider_jax.scoring import Scorer, ZooInfo, score_tasks
+from spider_jax.scoring import (Scorer, ZooInfo, batch_slots,
+                                score_tasks, split_chunks)
 
 
 def open_or_build_store(config: ml_collections.ConfigDict,
@@ -128,11 +129,6 @@ def make_optimizer(config, steps_per_epoch: int) -> optax.GradientTransformation
   return optax.adam(lambda step: cosine(step // steps_per_epoch))
 
 
-def _slots(batch):
-  return ({k: batch[k] for k in ("h", "h_mask", "ptm")}
-          if "h" in batch else None)
-
-
 def _fixed_order_sum(stacked):
   """x[0] + x[1] + ... along axis 0 of every leaf, in that order."""
   total = jax.tree.map(lambda x: x[0], stacked)
@@ -167,15 +163,14 @@ def exact_loss_and_grad(graphdef, params, batch, key, chunk: int, mesh):
   if b % chunk or groups % mesh.shape["data"]:
     raise ValueError(f"exact_chunk={chunk} must divide the per-device batch "
                      f"({b} tasks over {mesh.shape['data']} devices).")
-  chunks = jax.tree.map(lambda x: x.reshape((groups, chunk) + x.shape[1:]),
-                        batch)
+  chunks = split_chunks(batch, chunk)
   index = jax.lax.with_sharding_constraint(
       jnp.arange(groups), sharding.batch_sharded(mesh))
 
   def one(args):
     c, i = args
     def loss_sum(p):
-      scores = nnx.merge(graphdef, p)(c["u"], c["u_mask"], _slots(c),
+      scores = nnx.merge(graphdef, p)(c["u"], c["u_mask"], batch_slots(c),
                                       rng=jax.random.fold_in(key, i))
       return jnp.sum(plackett_luce_terms(scores, c["gt"]) * c["weight"])
     return jax.value_and_grad(loss_sum)(params)
@@ -210,7 +205,7 @@ def make_train_step(graphdef, tx, mesh, exact_chunk: int = 0):
     else:
       def loss_fn(p):
         scores = nnx.merge(graphdef, p)(batch["u"], batch["u_mask"],
-                                        _slots(batch), rng=key)
+                                        batch_slots(batch), rng=key)
         return plackett_luce_loss(scores, batch["gt"], batch["weight"])
       loss, grads = jax.value_and_grad(loss_fn)(params)
     updates, opt = tx.update(grads, train_state["opt"], params)
