@@ -553,7 +553,7 @@ def main():
       rel = abs(got - want) / max(abs(want), 1e-300)
       rows.append((method, shape, first, warm, t_np, got, want, rel))
       print(f"{method:20s} N={shape[0]} D={shape[1]} C={shape[2]}: "
-            f"jax first {first:.3f}s warm {warm:.3f}s | numpy {t_np:.3f}s | "
+            f"jax first {first:.3f}s warm {warm:.4f}s | numpy {t_np:.4f}s | "
             f"{got:.10g} vs {want:.10g} (rel {rel:.1e}) | load "
             f"{os.getloadavg()[0]:.2f}", flush=True)
   print(f"# load average at end: {os.getloadavg()}")
@@ -564,7 +564,7 @@ def main():
   print("|---|---|---|---|---|---|---|---|---|")
   for method, shape, first, warm, t_np, got, want, rel in rows:
     print(f"| {method} | {shape[0]}, {shape[1]}, {shape[2]} | {first:.3f} | "
-          f"{warm:.3f} | {t_np:.3f} | {t_np / warm:.1f}x | {got:.8g} | "
+          f"{warm:.4f} | {t_np:.4f} | {t_np / warm:.1f}x | {got:.8g} | "
           f"{want:.8g} | {rel:.1e} |")
 
 
