@@ -7,7 +7,8 @@
 
 Rows: LogME (fast and ICML) at (N=5000, D=1024, C=50) and (N=2000, D=2048,
 C=100); every method at (N=5000, D=1024, C=50) with C_s = 1000 source
-classes. "jax first" is the first (compiling) call; "jax" and "numpy" are
+classes; `nce_checked` times the same JAX `nce` call against numpy `nce`
+preceded by the input check JAX makes (NaN/Inf and negative entries). "jax first" is the first (compiling) call; "jax" and "numpy" are
 medians over rounds in which JAX and numpy alternate, so that load from
 other processes hits both alike. In a round each side runs a block of calls
 lasting at least 0.1 s (one call for slow methods) after an untimed
@@ -188,6 +189,13 @@ def np_nce(p, y):
   cond = (joint[:, mask] / p_z[:, mask]).T + 1e-20
   h = np.sum(-cond * np.log(cond), axis=1)
   return float(-np.sum(h * p_z.reshape(-1)[mask]))
+
+
+def np_nce_checked(p, y):
+  """np_nce after the input check that JAX `nce` makes (NaN/Inf, p < 0)."""
+  if not (np.isfinite(p.sum()) and p.min() >= 0):
+    raise ValueError("source_probs must be finite and non-negative.")
+  return np_nce(p, y)
 
 
 def np_hscore(f, y):
@@ -508,7 +516,8 @@ def main():
     return data[shape]
 
   plan = [("logme", s) for s in big] + [("logme_icml", s) for s in big]
-  others = ["leep", "nce", "nleep", "hscore", "hscore_regularized", "gbc",
+  others = ["leep", "nce", "nce_checked", "nleep", "hscore",
+            "hscore_regularized", "gbc",
             "gbc_diagonal", "gbc_spherical", "transrate", "sfda",
             "pactran_dirichlet", "lfc", "knn_loo", "linear_probe"]
   plan += [(m, main_shape) for m in others]
@@ -519,7 +528,8 @@ def main():
       if only and method not in only:
         continue
       f, y, p = get(shape)
-      spec = baselines.METHODS[method]
+      # nce_checked: the same JAX call against numpy with JAX's input check.
+      spec = baselines.METHODS[method.removesuffix("_checked")]
       x = p if spec.needs_source_probs else f
       n, _, c = shape
       k_nleep = nleep_lib.modelspider_components(n, c)
@@ -531,6 +541,7 @@ def main():
           "logme": lambda: np_logme(f, y),
           "logme_icml": lambda: np_logme_icml(f, y),
           "leep": lambda: np_leep(p, y), "nce": lambda: np_nce(p, y),
+          "nce_checked": lambda: np_nce_checked(p, y),
           "nleep": lambda: np_nleep(f, y, k_nleep),
           "hscore": lambda: np_hscore(f, y),
           "hscore_regularized": lambda: np_hscore_reg(f, y),
