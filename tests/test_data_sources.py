@@ -160,6 +160,50 @@ def test_missing_packages_name_the_install_command(tmp_path, monkeypatch):
     sources.load_mnist5k()
 
 
+def test_low_resolution_fills_the_frame_like_sklearn_digits():
+  img = np.zeros((2, 28, 28, 1), np.uint8)
+  img[0, 10:16, 11:15] = 255                  # a small glyph off-centre
+  out = sources.low_resolution(img)
+  assert out.shape == img.shape and out.dtype == np.uint8
+  assert not out[1].any()                     # blank stays blank
+  rows = np.flatnonzero(out[0, :, :, 0].max(axis=1) > 0)
+  # The 6-pixel glyph fills the 8 x 8 frame: 8 of 10 padded cells, about
+  # 22 of 28 pixels after upsampling, as sklearn's digits do.
+  assert rows[-1] - rows[0] + 1 >= 20
+  digits, _ = sources.load_sklearn_digits()
+  d_rows = np.flatnonzero(digits[:, :, :, 0].max(axis=(0, 2)) > 0)
+  assert abs((rows[-1] - rows[0]) - (d_rows[-1] - d_rows[0])) <= 4
+  # Grey levels come from sklearn's 17 (0..16) before upsampling: the
+  # glyph's flat inside is exactly 255.
+  assert out[0].max() == 255
+
+
+def test_thick_strokes_add_ink_and_keep_blank_blank():
+  img = np.zeros((2, 28, 28, 1), np.uint8)
+  img[0, 8:20, 13] = 255                      # a 1-pixel stroke
+  out = sources.thick_strokes(img)
+  assert out.shape == img.shape and out.dtype == np.uint8
+  assert not out[1].any()
+  assert (out[0] > 64).sum() >= 3 * (img[0] > 64).sum()
+
+
+def test_transformed_font_source(tmp_path, all_fonts):
+  """A transform changes the source's cache key and its images; no
+  transform keeps the keys of existing caches."""
+  spec = _small_font_spec()
+  assert "transform" not in builders._config(spec, 0, all_fonts)["spec"]
+  low = dataclasses.replace(spec, name=spec.name + "_low_resolution",
+                            transform="low_resolution")
+  a = builders.load_source(spec, cache_dir=tmp_path, font_list=all_fonts)
+  b = builders.load_source(low, cache_dir=tmp_path, font_list=all_fonts)
+  np.testing.assert_array_equal(b.images,
+                                sources.low_resolution(a.images))
+  np.testing.assert_array_equal(a.labels, b.labels)
+  bad = dataclasses.replace(spec, name="font_digits_x", transform="sepia")
+  with pytest.raises(ValueError, match="unknown transform 'sepia'"):
+    builders.load_source(bad, cache_dir=tmp_path, font_list=all_fonts)
+
+
 # ----------------------------------------------------------------------------
 # Cache, pools and tasks.
 
@@ -244,7 +288,8 @@ def test_pools_roles_and_disjointness(tiny_pools):
     if p.source.startswith("font_"):
       want = {"pretrain": "pretrain", "train": "ranker",
               "target": "target"}[p.role]
-      assert p.source.endswith(want)
+      assert p.source.removesuffix("_low_resolution").removesuffix(
+          "_thick_strokes").endswith(want)
   for p in pools.values():
     assert p.images.dtype == np.uint8 and p.images.shape[1:] == (28, 28, 1)
     assert set(np.unique(p.split)) == {0, 1, 2}

@@ -65,12 +65,15 @@ class SourceSpec:
     charset: fonts only, a key of fonts.CHARSETS.
     group: fonts only, a font group ("pretrain", "ranker", "target").
     per_class: fonts only, images rendered per character.
+    transform: fonts only, "" or a key of `sources.TRANSFORMS` applied to
+      the rendered glyphs (e.g. "low_resolution": sklearn-digit-like).
   """
   name: str
   kind: str
   charset: str = ""
   group: str = ""
   per_class: int = 0
+  transform: str = ""
 
 
 @dataclasses.dataclass
@@ -102,11 +105,18 @@ def _raw_source(spec: SourceSpec, seed: int, font_list=None):
                               family_groups=groups)
     ds = fonts_lib.render_dataset(chars, use, per_class=spec.per_class,
                                   seed=seed)
+    images = ds.images
+    if spec.transform:
+      if spec.transform not in sources.TRANSFORMS:
+        raise ValueError(f"source {spec.name}: unknown transform "
+                         f"{spec.transform!r}; use one of "
+                         f"{sorted(sources.TRANSFORMS)}.")
+      images = sources.TRANSFORMS[spec.transform](images)
     meta = {"font_files": list(ds.font_paths), "glyph_checks": ds.stats,
             "font_split": dict(sorted(groups.items())),
             "chars": chars}
     names = tuple(f"U+{ord(c):04X}" for c in chars)
-    return ds.images, ds.labels, ds.font_ids, names, meta
+    return images, ds.labels, ds.font_ids, names, meta
   if spec.kind == "fashion_mnist":
     xa, ya = sources.load_fashion_mnist("train")
     xb, yb = sources.load_fashion_mnist("test")
@@ -135,7 +145,10 @@ def _font_fingerprint(fonts) -> str:
 
 
 def _config(spec: SourceSpec, seed: int, font_list=None) -> dict:
-  cfg = {"spec": dataclasses.asdict(spec), "seed": int(seed),
+  spec_dict = dataclasses.asdict(spec)
+  if not spec.transform:     # keeps the cache keys of untransformed sources
+    del spec_dict["transform"]
+  cfg = {"spec": spec_dict, "seed": int(seed),
          "code_version": CODE_VERSION}
   if spec.kind == "font":
     fonts = font_list if font_list is not None else fonts_lib.discover_fonts()
@@ -353,9 +366,11 @@ class Pool:
     return len(self.class_names)
 
 
-def _font(charset: str, group: str, per_class: int) -> SourceSpec:
-  return SourceSpec(f"font_{charset}_{group}", "font", charset, group,
-                    per_class)
+def _font(charset: str, group: str, per_class: int,
+          transform: str = "") -> SourceSpec:
+  suffix = f"_{transform}" if transform else ""
+  return SourceSpec(f"font_{charset}_{group}{suffix}", "font", charset, group,
+                    per_class, transform)
 
 
 FASHION = SourceSpec("fashion_mnist", "fashion_mnist")
@@ -372,9 +387,9 @@ def pool_specs(scale: float = 1.0) -> list[PoolSpec]:
   def n(k: int) -> int:
     return max(5, int(round(k * scale)))
 
-  def font(charset, group, k, role):
-    return PoolSpec(f"font_{charset}_{group}", role,
-                    _font(charset, group, n(k)), per_class=n(k))
+  def font(charset, group, k, role, transform=""):
+    source = _font(charset, group, n(k), transform)
+    return PoolSpec(source.name, role, source, per_class=n(k))
 
   return [
       # PTM pretraining sources.
@@ -395,6 +410,12 @@ def pool_specs(scale: float = 1.0) -> list[PoolSpec]:
       font("devanagari", "ranker", 40, "train"),
       font("bengali", "ranker", 45, "train"),
       font("tamil", "ranker", 50, "train"),
+      # The same glyphs degraded towards the natural targets (not in the
+      # default pool lists; see README "What we tried").
+      font("latin_lower", "ranker", 60, "train", "low_resolution"),
+      font("greek_lower", "ranker", 60, "train", "low_resolution"),
+      font("cyrillic_lower", "ranker", 50, "train", "thick_strokes"),
+      font("arabic", "ranker", 50, "train", "thick_strokes"),
       PoolSpec("fashion_0_4_ranker", "train", FASHION, (0, 1, 2, 3, 4),
                n(300), aux=1),
       PoolSpec("animal_src_ranker", "train", ANIMAL, ANIMAL_SOURCE_CLASSES,

@@ -177,15 +177,61 @@ def load_sklearn_digits(size: int = 28) -> tuple[np.ndarray, np.ndarray]:
   path = d / "datasets" / "data" / "digits.csv.gz"
   if not path.exists():
     raise missing_pypi("scikit-learn", "sklearn digits")
-  from PIL import Image  # pylint: disable=g-import-not-at-top
   data = np.loadtxt(path, delimiter=",")
-  x8 = data[:, :-1].reshape(-1, 8, 8) * (255.0 / 16.0)
-  x8 = np.pad(x8, ((0, 0), (1, 1), (1, 1)))
+  return (upsample_8x8(data[:, :-1].reshape(-1, 8, 8), size),
+          data[:, -1].astype(np.int64))
+
+
+def upsample_8x8(x8: np.ndarray, size: int = 28) -> np.ndarray:
+  """[N, 8, 8] images in 0..16 -> [N, size, size, 1] uint8, sklearn-style.
+
+  Pads one pixel of margin, maps 0..16 to 0..255 and resizes bilinearly.
+  """
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  x8 = np.pad(x8 * (255.0 / 16.0), ((0, 0), (1, 1), (1, 1)))
   x = np.stack([
       np.asarray(Image.fromarray(im.astype(np.float32), mode="F").resize(
           (size, size), resample=Image.BILINEAR)) for im in x8])
-  x = np.clip(np.round(x), 0, 255).astype(np.uint8)
-  return x[..., None], data[:, -1].astype(np.int64)
+  return np.clip(np.round(x), 0, 255).astype(np.uint8)[..., None]
+
+
+def low_resolution(images: np.ndarray) -> np.ndarray:
+  """[N, 28, 28, 1] uint8 -> the same glyphs as sklearn's 8x8 digits look.
+
+  Crops the glyph's square bounding box (sklearn's digits fill their 8 x 8
+  frame), area-downsamples it to 8 x 8, quantises to sklearn's 17 grey
+  levels (0..16) and upsamples with `upsample_8x8`.
+  """
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+
+  def box(im):
+    ys, xs = np.nonzero(im > 32)
+    if not len(ys):
+      return (0, 0, im.shape[1], im.shape[0])
+    cy, cx = (ys.min() + ys.max() + 1) / 2, (xs.min() + xs.max() + 1) / 2
+    half = max(ys.max() + 1 - ys.min(), xs.max() + 1 - xs.min()) / 2
+    return (cx - half, cy - half, cx + half, cy + half)
+
+  pad = images.shape[1] // 2        # room for a square box at an edge
+  x8 = np.stack([
+      np.asarray(Image.fromarray(np.pad(im[..., 0], pad).astype(np.float32),
+                                 mode="F").resize(
+          (8, 8), resample=Image.BOX,
+          box=tuple(v + pad for v in box(im[..., 0]))))
+      for im in images])
+  return upsample_8x8(np.round(x8 * (16.0 / 255.0)), images.shape[1])
+
+
+def thick_strokes(images: np.ndarray) -> np.ndarray:
+  """[N, 28, 28, 1] uint8 -> strokes dilated by 3 x 3 and blurred (MNIST-like).
+  """
+  import scipy.ndimage  # pylint: disable=g-import-not-at-top
+  x = scipy.ndimage.grey_dilation(images[..., 0], size=(1, 3, 3))
+  x = scipy.ndimage.gaussian_filter(x.astype(np.float32), (0, 0.7, 0.7))
+  return np.clip(np.round(x), 0, 255).astype(np.uint8)[..., None]
+
+
+TRANSFORMS = {"low_resolution": low_resolution, "thick_strokes": thick_strokes}
 
 
 def package_versions() -> dict[str, str]:
