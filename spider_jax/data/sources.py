@@ -196,7 +196,7 @@ def upsample_8x8(x8: np.ndarray, size: int = 28) -> np.ndarray:
 
 
 def low_resolution(images: np.ndarray) -> np.ndarray:
-  """[N, 28, 28, 1] uint8 -> the same glyphs as sklearn's 8x8 digits look.
+  """[N, 28, 28, 1] uint8 glyphs -> the same glyphs as sklearn 8x8 digits.
 
   Crops the glyph's square bounding box (sklearn's digits fill their 8 x 8
   frame), area-downsamples it to 8 x 8, quantises to sklearn's 17 grey
