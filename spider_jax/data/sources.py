@@ -223,8 +223,7 @@ def low_resolution(images: np.ndarray) -> np.ndarray:
 
 
 def thick_strokes(images: np.ndarray) -> np.ndarray:
-  """[N, 28, 28, 1] uint8 -> strokes dilated by 3 x 3 and blurred (MNIST-like).
-  """
+  """[N, 28, 28, 1] uint8 -> strokes dilated 3 x 3 and blurred (MNIST-like)."""
   import scipy.ndimage  # pylint: disable=g-import-not-at-top
   x = scipy.ndimage.grey_dilation(images[..., 0], size=(1, 3, 3))
   x = scipy.ndimage.gaussian_filter(x.astype(np.float32), (0, 0.7, 0.7))
