@@ -9,8 +9,9 @@ Rows: LogME (fast and ICML) at (N=5000, D=1024, C=50) and (N=2000, D=2048,
 C=100); every method at (N=5000, D=1024, C=50) with C_s = 1000 source
 classes; `nce_checked` times the same JAX `nce` call against numpy `nce`
 preceded by the input check JAX makes (NaN/Inf and negative entries).
-"jax first" is the first (compiling) call; "jax" and "numpy" are medians over rounds in which JAX and numpy alternate, so that load from
-other processes hits both alike. In a round each side runs a block of calls
+"jax first" is the first (compiling) call; "jax" and "numpy" are medians
+over rounds in which JAX and numpy alternate, so that load from other
+processes hits both alike. In a round each side runs a block of calls
 lasting at least 0.1 s (one call for slow methods) after an untimed
 `--pause` (default 0.2 s): OpenBLAS's worker threads keep spinning for a
 while after a numpy call and would take the second core from the next XLA
