@@ -43,13 +43,6 @@ def median_ms(fn, calls: int = 40) -> float:
   return statistics.median(times) * 1e3
 
 
-def with_check(x):
-  z, ordered = nce_lib.first_argmax(x)
-  valid = (jnp.isfinite(jnp.sum(x)) & jnp.all(ordered)
-           & jnp.all(jnp.min(x, axis=1) >= 0))
-  return z, valid
-
-
 def where_eq_max(x):
   s = x.shape[1]
   cols = jax.lax.optimization_barrier(jnp.arange(s, dtype=jnp.int32))
@@ -68,7 +61,8 @@ def blocked_maxima(x, block: int = 8):
 
 def row_blocks_in_cache(x, rows: int = 100):
   n, s = x.shape
-  z, valid = jax.lax.map(with_check, x.reshape(n // rows, rows, s))
+  z, valid = jax.lax.map(nce_lib.checked_first_argmax,
+                         x.reshape(n // rows, rows, s))
   return z.reshape(n), jnp.all(valid)
 
 
@@ -90,7 +84,8 @@ def main():
         "row max of the bits as uint64": lambda x: jnp.max(
             jax.lax.bitcast_convert_type(x, jnp.uint64), axis=1),
         "nce.first_argmax": lambda x: nce_lib.first_argmax(x)[0],
-        "first_argmax + input check (nce)": lambda x: checked(with_check(x)),
+        "first_argmax + input check (nce)":
+            lambda x: checked(nce_lib.checked_first_argmax(x)),
         "min(where(x == row max, column, S))": where_eq_max,
         "blocked maxima (8), then argmax of blocks": blocked_maxima,
         "lax.map over 100-row blocks, with check":

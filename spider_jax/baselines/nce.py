@@ -55,18 +55,30 @@ def first_argmax(x: jax.Array) -> tuple[jax.Array, jax.Array]:
   return (-jnp.where(ordered, v, 0.0)).astype(jnp.int32), ordered
 
 
-def _core(theta, aux, key, *, num_classes):
-  """NCE, or NaN when theta is not valid input to `first_argmax`.
+def checked_first_argmax(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """`first_argmax` of x and whether x is valid input to it.
 
-  The input check: a sum for NaN/Inf (XLA:CPU's max and min reductions
-  skip NaN at these sizes, a sum cannot), a row min for negative values,
-  and `first_argmax`'s ordered flag for row maxima in (0, MIN_PROB_ROW_MAX).
+  The check: a sum for NaN/Inf (XLA:CPU's max and min reductions skip NaN
+  at these sizes, a sum cannot), a row min for negative values, and
+  `first_argmax`'s ordered flag for row maxima in (0, MIN_PROB_ROW_MAX).
+
+  Args:
+    x: [N, S] source probabilities.
+
+  Returns:
+    (index [N] int32, valid [] bool); index is unspecified unless valid.
   """
+  z, ordered = first_argmax(x)
+  valid = (jnp.isfinite(jnp.sum(x)) & jnp.all(ordered)
+           & jnp.all(jnp.min(x, axis=1) >= 0))
+  return z, valid
+
+
+def _core(theta, aux, key, *, num_classes):
+  """NCE, or NaN when `checked_first_argmax` finds theta invalid."""
   del key
   n, s = theta.shape
-  z, ordered = first_argmax(theta)
-  valid = (jnp.isfinite(jnp.sum(theta)) & jnp.all(ordered)
-           & jnp.all(jnp.min(theta, axis=1) >= 0))
+  z, valid = checked_first_argmax(theta)
   joint = jnp.zeros((s, num_classes), theta.dtype).at[z, aux["labels"]].add(
       1.0 / n)                                               # [S, C], O(N)
   p_z = jnp.sum(joint, axis=1)
