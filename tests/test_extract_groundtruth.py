@@ -230,24 +230,31 @@ def assert_same_store(path, reference):
       [one.ground_truth().row(n) for n in one.task_names("target")])
 
 
-def test_groundtruth_cli_on_two_processes(tiny, tmp_path):
-  """`python -m spider_jax.groundtruth` on 2 processes builds the `:tiny`
-  benchmark from an empty cache; process 0 alone prints the summary, and
-  the store equals the one-process build."""
-  cfg, summary = tiny
-  port = free_port()
-  argv = [sys.executable, "-m", "spider_jax.groundtruth",
-          "--config=configs/bench.py:tiny",
-          f"--config.cache_dir={tmp_path / 'cache'}",
-          f"--config.results_dir={tmp_path / 'results'}",
-          f"--config.ground_truth_from={cfg.results_dir}",
-          f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2"]
+def run_cli_on_two_processes(argv: list[str]) -> list[str]:
+  """Runs `argv` as processes 0 and 1 of a localhost jax.distributed job
+  (CPU), asserts both exit 0, and returns their stdouts."""
+  argv = argv + [f"--coordinator_address=127.0.0.1:{free_port()}",
+                 "--num_processes=2"]
   out = []
   for rc, stdout, stderr in run_processes(
       lambda i: argv + [f"--process_id={i}"], 2, timeout=600, cwd=REPO,
       env=dict(os.environ, JAX_PLATFORMS="cpu")):
     assert rc == 0, stderr[-3000:]
     out.append(stdout)
+  return out
+
+
+def test_groundtruth_cli_on_two_processes(tiny, tmp_path):
+  """`python -m spider_jax.groundtruth` on 2 processes builds the `:tiny`
+  benchmark from an empty cache; process 0 alone prints the summary, and
+  the store equals the one-process build."""
+  cfg, summary = tiny
+  out = run_cli_on_two_processes([
+      sys.executable, "-m", "spider_jax.groundtruth",
+      "--config=configs/bench.py:tiny",
+      f"--config.cache_dir={tmp_path / 'cache'}",
+      f"--config.results_dir={tmp_path / 'results'}",
+      f"--config.ground_truth_from={cfg.results_dir}"])
   printed = json.loads(out[0][out[0].index("\n{") + 1:])
   assert printed["ground_truth_status"] == summary["ground_truth_status"]
   assert "ground_truth_status" not in out[1]   # Only gloo's connect line.
@@ -261,18 +268,13 @@ def test_rank_tiny_on_two_processes(tiny, tmp_path):
   localhost) builds the `:tiny` benchmark together from an empty cache,
   trains and ranks; process 0 writes the report."""
   cfg, _ = tiny
-  port = free_port()
-  argv = [sys.executable, "-m", "spider_jax.rank",
-          "--config=configs/rank.py:tiny",
-          f"--config.bench.cache_dir={tmp_path / 'cache'}",
-          f"--config.bench.ground_truth_from={cfg.results_dir}",
-          "--config.rank.methods=spider,prior,nce",
-          "--config.rank.plots=False", f"--workdir={tmp_path / 'run'}",
-          f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2"]
-  for rc, _, stderr in run_processes(
-      lambda i: argv + [f"--process_id={i}"], 2, timeout=600, cwd=REPO,
-      env=dict(os.environ, JAX_PLATFORMS="cpu")):
-    assert rc == 0, stderr[-3000:]
+  run_cli_on_two_processes([
+      sys.executable, "-m", "spider_jax.rank",
+      "--config=configs/rank.py:tiny",
+      f"--config.bench.cache_dir={tmp_path / 'cache'}",
+      f"--config.bench.ground_truth_from={cfg.results_dir}",
+      "--config.rank.methods=spider,prior,nce",
+      "--config.rank.plots=False", f"--workdir={tmp_path / 'run'}"])
   report = json.loads((tmp_path / "run" / "rank" / "results.json")
                       .read_text())
   assert {"spider(k=0)", "prior", "nce"} <= set(report["methods"])
