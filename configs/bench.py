@@ -136,6 +136,14 @@ def get_config(variant: str = "full") -> ml_collections.ConfigDict:
   # (besides the feature-only ones, which cannot be fine-tuned).
   c.finetune.skip = () if real else ("efficientnet_lite0",)
   c.finetune.enabled = variant != "default"
+  # Validation / training tasks fine-tuned too (same protocol as the
+  # targets; their ground truth becomes fine-tuned accuracy once all their
+  # cells are done): every validation task, the first N training tasks,
+  # both only from `task_pools` (() = every pool). A store with any of them
+  # gets its own cache key. Measured cost: README, "What we tried".
+  c.finetune.val_tasks = False
+  c.finetune.train_tasks = 0
+  c.finetune.task_pools = ()
   # Cell order (PTM names or families, earliest first; the rest last).
   c.finetune.order = ("mlp", "cnn_s", "efficientnet_lite0", "resnet_s",
                       "cnn_w", "efficientnet_lite1", "efficientnet_lite2")

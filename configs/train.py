@@ -51,6 +51,10 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
   # Pools whose tasks are left out of training, validation and ranking
   # ("pool,pool,..."; "" = none).
   c.exclude_pools = ""
+  # Train and validate only on the tasks whose ground truth is fine-tuned
+  # accuracy (a store built with finetune.val_tasks / train_tasks; see
+  # configs/bench.py); the targets are unaffected.
+  c.finetuned_tasks_only = False
   # PTM-token initialisation: "normal" (N(0, 1), official) or "features"
   # (from each PTM's own features on training images; train.py
   # ptm_feature_tokens).

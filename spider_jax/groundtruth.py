@@ -12,7 +12,10 @@ Stages (all cached / resumable; rerun the same command to continue):
      and over the L2 grid), 5. fine-tuned accuracy of every fine-tunable PTM
      on every target (all weights, small lr grid chosen on val, test
      accuracy, fixed seed), one cell at a time, appended to
-     `finetune_cells.csv` as it finishes.
+     `finetune_cells.csv` as it finishes; with `finetune.val_tasks` /
+     `finetune.train_tasks` the same for those validation / training tasks
+     (their ground truth becomes fine-tuned accuracy once all their cells
+     are done).
 
 On several processes (jax.distributed), `run(..., all_processes=True)` is
 called by every process: process 0 builds the pools and trains the zoo
@@ -26,15 +29,18 @@ Accuracies are in percent. The store's ground_truth.csv holds fine-tune
 accuracy for target cells of fine-tunable PTMs, linear-probe accuracy for
 target cells of feature-only PTMs (Open-NSFW) and of PTMs listed in
 `config.finetune.skip`, and linear-probe accuracy for every train/val task
-(approximated performance, as in the paper). Until the fine-tune stage has
+(approximated performance, as in the paper) except those fine-tuned with
+`finetune.val_tasks` / `train_tasks` (listed in meta.json,
+`ground_truth.finetuned_tasks`). Until the fine-tune stage has
 finished, targets carry linear-probe accuracy and meta.json says so
 (`ground_truth.status`).
 
 Files in `config.results_dir`:
-  finetune_cells.csv        one row per (target, PTM): accuracy, lr, per-lr
+  finetune_cells.csv        one row per (task, PTM): accuracy, lr, per-lr
                             val/test accuracy, wall time, sizes, seed
   finetune_accuracy.csv     targets x PTMs (fine-tune, %)
   finetune_seconds.csv      targets x PTMs (wall time per cell, s)
+  finetune_tasks_accuracy.csv  fine-tuned validation/training tasks x PTMs
   linear_probe_targets.csv  targets x PTMs (linear probe, %)
   linear_probe_tasks.csv    train/val tasks x PTMs (linear probe, %)
   ground_truth_targets.csv  targets x PTMs as written to the store, and
@@ -46,6 +52,7 @@ Files in `config.results_dir`:
 from __future__ import annotations
 
 import csv
+import dataclasses
 import functools
 import hashlib
 import json
@@ -67,7 +74,8 @@ from spider_jax.zoo import extract
 from spider_jax.zoo import finetune as finetune_lib
 
 __all__ = ["probe_batch", "linear_probe_tasks", "finetune_cell",
-           "run_finetune", "run", "summarize", "subsample_stratified"]
+           "run_finetune", "run", "summarize", "agreement",
+           "subsample_stratified", "task_images", "finetuned_tasks"]
 
 N_BUCKETS = (64, 128, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096)
 
@@ -330,23 +338,88 @@ def cell_hash(cfg, zoo_hash: str, pool_sha: str, settings) -> str:
                         ).hexdigest()[:12]
 
 
+def _run_cell(loaded, task: str, images, settings, h: str,
+              log: Callable[[str], None]) -> dict[str, Any]:
+  """One fine-tune cell as a finetune_cells.csv row."""
+  r = finetune_cell(loaded, images, settings)
+  log(f"finetune: {task} x {loaded.spec.name}: {r['test_acc']:.1f}% "
+      f"(lr {r['best_lr']}, {r['seconds']:.1f}s)")
+  return {"target": task, "ptm": loaded.spec.name, **r,
+          "lrs": settings["lrs"], "epochs": settings["epochs"],
+          "max_train": settings["max_train"],
+          "batch_size": settings["batch_size"], "seed": settings["seed"],
+          "cell_hash": h}
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskImages:
+  """What `finetune_cell` reads of a pool, for one task.
+
+  Attributes:
+    images: [n, 28, 28, 1] uint8; labels: [n] int in 0..C-1 (pool ids
+    remapped in increasing order, as the FeatureStore does); split: [n]
+    int8, 0 train / 1 val / 2 test; num_classes: C.
+  """
+  images: np.ndarray
+  labels: np.ndarray
+  split: np.ndarray
+  num_classes: int
+
+
+def task_images(pool, rows: np.ndarray) -> TaskImages:
+  """The images of a sampled task (`rows` of `pool`)."""
+  classes, labels = np.unique(pool.labels[rows], return_inverse=True)
+  return TaskImages(pool.images[rows], labels.astype(np.int64),
+                    pool.split[rows], int(classes.size))
+
+
+def task_hash(pool, rows: np.ndarray) -> str:
+  """Content hash of a sampled task: its pool and its rows."""
+  return extract.hash_json({
+      "pool": extract.pool_hash(pool),
+      "rows": hashlib.sha256(np.asarray(rows, np.int64).tobytes()
+                             ).hexdigest()})[:12]
+
+
+def finetuned_tasks(cfg, tasks: Sequence[extract.Task]
+                    ) -> list[extract.Task]:
+  """Validation and training tasks whose ground truth is fine-tuned too.
+
+  Config `finetune.val_tasks` (every validation task) and
+  `finetune.train_tasks` (the first N training tasks), both restricted to
+  the pools of `finetune.task_pools` (() = every pool); validation first.
+  """
+  f = cfg.finetune
+  pools = tuple(f.get("task_pools", ()))
+  ok = lambda t: not pools or t.pool in pools
+  val = [t for t in tasks if t.role == "val" and ok(t)
+         ] if f.get("val_tasks", False) else []
+  train = [t for t in tasks if t.role == "train" and ok(t)
+           ][:int(f.get("train_tasks", 0))]
+  return val + train
+
+
 def run_finetune(cfg, pools, reg, zoo, results_dir: pathlib.Path, *,
                  cells: Sequence[tuple[str, str]] | None = None,
+                 tasks: Sequence[extract.Task] = (),
                  deadline: float | None = None,
                  log: Callable[[str], None] = print) -> dict[tuple, dict]:
   """Fine-tunes every (target, fine-tunable PTM) cell not yet in the table.
 
-  Cells are appended to `results_dir/finetune_cells.csv` as they finish;
-  a cell already there with the same cell hash is skipped. Order: PTM-major,
-  by `cfg.finetune.order`. With `cfg.finetune.enabled` False nothing is
+  Cells are appended to `results_dir/finetune_cells.csv` as they finish
+  (column `target` holds the task name); a cell already there with the
+  same cell hash is skipped. Order: targets PTM-major, by
+  `cfg.finetune.order`, then `tasks` task-major (so a run stopped early
+  leaves whole tasks), validation tasks first, by class count. With `cfg.finetune.enabled` False nothing is
   computed: only the cells already in the table are returned.
 
   Args:
-    cells: restrict to these (target, ptm) pairs.
+    cells: restrict the targets to these (target, ptm) pairs.
+    tasks: validation / training tasks to fine-tune too (`finetuned_tasks`).
     deadline: time.time() after which no new cell starts.
 
   Returns:
-    {(target, ptm): row} of all finished cells (old and new).
+    {(task, ptm): row} of all finished cells (old and new).
   """
   path = results_dir / "finetune_cells.csv"
   done = _read_cells(path)
@@ -386,15 +459,31 @@ def run_finetune(cfg, pools, reg, zoo, results_dir: pathlib.Path, *,
       if deadline is not None and time.time() > deadline:
         log(f"finetune: deadline reached before {target} x {name}")
         break
-      r = finetune_cell(loaded, pools[target], settings)
-      row = {"target": target, "ptm": name, **r, "lrs": settings["lrs"],
-             "epochs": settings["epochs"],
-             "max_train": settings["max_train"],
-             "batch_size": settings["batch_size"], "seed": settings["seed"],
-             "cell_hash": h}
-      _append_cell(path, row)
-      log(f"finetune: {target} x {name}: {r['test_acc']:.1f}% "
-          f"(lr {r['best_lr']}, {r['seconds']:.1f}s)")
+      _append_cell(path, _run_cell(loaded, target, pools[target], settings,
+                                   h, log))
+  loaded_ptms = {}
+  views = [(task, task_images(pools[task.pool], task.rows)) for task in tasks]
+  # Validation tasks first; tasks with the same class count next to each
+  # other, so each PTM's compiled steps (finetune._trainer) are reused.
+  views.sort(key=lambda tv: (tv[0].role != "val", tv[1].num_classes))
+  for task, view in views:
+    sha = task_hash(pools[task.pool], task.rows)
+    for name in ptms:
+      spec = reg[name]
+      settings = finetune_settings(cfg, spec)
+      zh = zoo[name]["config_hash"] if name in zoo else spec.weight_group
+      h = cell_hash(cfg, zh, sha, settings)
+      expected[(task.name, name)] = h
+      if (task.name, name) in done and \
+          done[(task.name, name)]["cell_hash"] == h:
+        continue
+      if not cfg.finetune.enabled or (deadline is not None
+                                      and time.time() > deadline):
+        continue
+      if name not in loaded_ptms:
+        loaded_ptms[name] = spec.load()
+      _append_cell(path, _run_cell(loaded_ptms[name], task.name, view,
+                                   settings, h, log))
   return {c: row for c, row in _read_cells(path).items()
           if expected.get(c) == row["cell_hash"]}
 
@@ -458,28 +547,40 @@ def summarize(gt_targets: Mapping[str, Mapping[str, float]],
   out = _meaningfulness(gt_targets, lp_train, ptms)
   out["fine_tuned_zoo"] = _meaningfulness(
       gt_targets, lp_train, [m for m in ptms if m in ft_ptms])
-  targets = list(gt_targets)
+  return {**out, "finetune_vs_probe": agreement(gt_targets, lp_targets,
+                                                ft_ptms)}
+
+
+def agreement(ft: Mapping[str, Mapping[str, float]],
+              probe: Mapping[str, Mapping[str, float]],
+              ft_ptms: Sequence[str]) -> dict[str, Any]:
+  """How well probe accuracy ranks the PTMs as fine-tuning does, per task.
+
+  Args:
+    ft: {task: {ptm: fine-tuned accuracy}}; probe: the same for the probe.
+    ft_ptms: the fine-tuned PTMs (tasks with fewer than 3 are skipped).
+
+  Returns:
+    per_target {task: weighted tau (fine-tune as truth), Spearman, same
+    best PTM}, their means, the same-best count and the task count.
+  """
   agree = {}
-  for t in targets:
-    ft = [m for m in ft_ptms if m in gt_targets[t]]
-    if len(ft) >= 3:
-      a = np.array([gt_targets[t][m] for m in ft])
-      b = np.array([lp_targets[t][m] for m in ft])
+  for t in ft:
+    ms = [m for m in ft_ptms if m in ft[t]]
+    if len(ms) >= 3:
+      a = np.array([ft[t][m] for m in ms])
+      b = np.array([probe[t][m] for m in ms])
       agree[t] = {"weighted_tau": metrics.weighted_tau(a, b),
                   "spearman": float(scipy.stats.spearmanr(a, b).statistic),
-                  "same_best": bool(ft[int(np.argmax(a))]
-                                    == ft[int(np.argmax(b))])}
+                  "same_best": bool(ms[int(np.argmax(a))]
+                                    == ms[int(np.argmax(b))])}
   mean = lambda xs: float(np.mean(xs)) if len(xs) else float("nan")
-  return {
-      **out,
-      "finetune_vs_probe": {"per_target": agree, "mean_weighted_tau": mean(
-          [v["weighted_tau"] for v in agree.values()]),
-                            "mean_spearman": mean(
-          [v["spearman"] for v in agree.values()]),
-                            "same_best": sum(v["same_best"]
-                                             for v in agree.values()),
-                            "targets": len(agree)},
-  }
+  return {"per_target": agree,
+          "mean_weighted_tau": mean([v["weighted_tau"]
+                                     for v in agree.values()]),
+          "mean_spearman": mean([v["spearman"] for v in agree.values()]),
+          "same_best": sum(v["same_best"] for v in agree.values()),
+          "targets": len(agree)}
 
 
 # ----------------------------------------------------------------------------
@@ -591,8 +692,9 @@ def run(cfg, *, deadline: float | None = None,
 
   # --- Fine-tuning of targets.
   t0 = time.perf_counter()
-  cells = run_finetune(cfg, pools, reg, zoo, results, deadline=deadline,
-                       log=log)
+  extra = finetuned_tasks(cfg, tasks)
+  cells = run_finetune(cfg, pools, reg, zoo, results, tasks=extra,
+                       deadline=deadline, log=log)
   times["finetune_s_this_run"] = time.perf_counter() - t0
   ft_ptms = [n for n, s in reg.items() if s.fine_tunable
              and n not in tuple(cfg.finetune.skip)]
@@ -614,18 +716,32 @@ def run(cfg, *, deadline: float | None = None,
       ",".join([t, *(source[t][m] for m in ptms)]) for t in targets]
   store_lib.atomic_write_text(results / "ground_truth_source.csv",
                               "\n".join(lines) + "\n")
+  # Validation / training tasks: fine-tuned accuracy once every
+  # fine-tunable PTM's cell of the task is done, the probe until then.
+  ft_tasks = {t.name: {m: float(cells[(t.name, m)]["test_acc"])
+                       for m in ft_ptms} for t in extra
+              if all((t.name, m) in cells for m in ft_ptms)}
+  gt_tasks = {t: {m: row.get(m, lp[t][m]) for m in ptms}
+              for t, row in ft_tasks.items()}
+  _write_wide(results / "finetune_tasks_accuracy.csv", list(ft_tasks),
+              ft_ptms, lambda t, m: ft_tasks[t][m], corner="task")
+  pending = [t.name for t in extra if t.name not in ft_tasks]
   status = ("complete" if not missing else
             f"partial: {len(missing)} fine-tune cells missing, linear probe "
             "used there")
-  w = extract.open_writer(path, cfg, reg, _gt_meta(cfg, reg, status,
-                                                   source=source))
-  w.set_ground_truth(gt_t)
+  if pending:
+    status += (f"; {len(pending)} of {len(extra)} validation/training tasks "
+               "to fine-tune still pending (linear probe until then)")
+  w = extract.open_writer(path, cfg, reg, _gt_meta(
+      cfg, reg, status, source=source, finetuned=list(ft_tasks)))
+  w.set_ground_truth({**gt_t, **gt_tasks})
   fs = w.close()
   times["finetune_s_total_cells"] = float(sum(ft_secs.values()))
 
   summ = summarize(gt_t, {t: lp[t] for t in targets},
                    {t.name: lp[t.name] for t in tasks if t.role == "train"},
                    ptms, [m for m in ft_ptms])
+  summ["finetuned_tasks_vs_probe"] = agreement(ft_tasks, lp, ft_ptms)
   summary = {
       "variant": cfg.variant, "store": str(path),
       "counts": {"ptms": len(ptms), "fine_tunable": len(ft_ptms),
@@ -662,14 +778,18 @@ def run(cfg, *, deadline: float | None = None,
   return summary
 
 
-def _gt_meta(cfg, reg, status: str, source=None) -> dict:
+def _gt_meta(cfg, reg, status: str, source=None,
+             finetuned: Sequence[str] = ()) -> dict:
   return {"ground_truth": {
       "status": status, "units": "accuracy, percent",
       "targets": "fine-tuned test accuracy (lr chosen on val) for "
                  "fine-tunable PTMs; linear probe for feature-only PTMs "
                  f"({[n for n, s in reg.items() if not s.fine_tunable]}) "
                  f"and skipped ones ({list(cfg.finetune.skip)})",
-      "train_val_tasks": "linear-probe test accuracy (L2 chosen on val)",
+      "train_val_tasks": "linear-probe test accuracy (L2 chosen on val), "
+                         "except the tasks of `finetuned_tasks`: fine-tuned "
+                         "as the targets are",
+      "finetuned_tasks": list(finetuned),
       "target_cell_source": source or {}},
       "benchmark": {"variant": cfg.variant}}
 
@@ -695,7 +815,8 @@ def main(argv):  # pragma: no cover - exercised via the CLI
   if main_process:
     print(json.dumps({k: summary[k] for k in (
         "counts", "ground_truth_status", "times", "best_ptm_per_target",
-        "times_best", "constant_prior_weighted_tau", "finetune_vs_probe")},
+        "times_best", "constant_prior_weighted_tau", "finetune_vs_probe",
+        "finetuned_tasks_vs_probe")},
                      indent=1, default=str))
 
 

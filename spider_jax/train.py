@@ -59,8 +59,30 @@ def open_or_build_store(config: ml_collections.ConfigDict,
       write_synthetic_store(path, spec)
     sharding.barrier("synthetic_store")  # Others wait for process 0's store.
   exclude = [p.strip() for p in config.exclude_pools.split(",") if p.strip()]
-  return FeatureStore(path, ptms=select_ptms(FeatureStore(path), config.ptms),
-                      exclude_pools=exclude)
+  whole = FeatureStore(path)
+  return FeatureStore(path, ptms=select_ptms(whole, config.ptms),
+                      exclude_pools=exclude,
+                      exclude_tasks=(not_finetuned(whole) if config.get(
+                          "finetuned_tasks_only") else ()))
+
+
+def not_finetuned(store: FeatureStore) -> list[str]:
+  """Training/validation tasks whose ground truth is not fine-tuned.
+
+  The store's meta.json lists the fine-tuned ones
+  (`ground_truth.finetuned_tasks`, written by spider_jax.groundtruth with
+  `finetune.val_tasks` / `finetune.train_tasks`).
+  """
+  tuned = set(store.meta.get("ground_truth", {}).get("finetuned_tasks", ()))
+  if not tuned:
+    raise ValueError(
+        f"finetuned_tasks_only is set but store {store.path} has no "
+        "fine-tuned training or validation task; build one with "
+        "`python -m spider_jax.groundtruth --config=configs/bench.py:default "
+        "--config.finetune.enabled=True --config.finetune.val_tasks=True "
+        "--config.finetune.train_tasks=N`, or leave the option off.")
+  return [n for n in store.task_names() if store.meta["tasks"][n]["role"]
+          != "target" and n not in tuned]
 
 
 def build_benchmark(bench: ml_collections.ConfigDict,

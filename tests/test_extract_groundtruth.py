@@ -167,6 +167,65 @@ def test_finetune_cells_reproduce(tiny):
     assert abs(res["test_acc"] - float(r["test_acc"])) <= 1.0
 
 
+def test_finetuned_validation_and_training_tasks(tiny, tmp_path):
+  """finetune.val_tasks / train_tasks: those tasks' ground truth becomes
+  fine-tuned accuracy, in a store of their own, and the ranker can be
+  restricted to them."""
+  cfg, plain = tiny
+  c = cfg.copy_and_resolve_references()
+  with c.unlocked():
+    c.results_dir = str(tmp_path / "results")
+    c.finetune.val_tasks = True
+    c.finetune.train_tasks = 2
+  summary = groundtruth.run(c, log=lambda s: None)
+  assert summary["store"] != plain["store"]  # other ground truth, other key
+  store = FeatureStore(summary["store"])
+  tuned = store.meta["ground_truth"]["finetuned_tasks"]
+  assert tuned == store.task_names("val") + store.task_names("train")[:2]
+  results = pathlib.Path(c.results_dir)
+  cells = {(r["target"], r["ptm"]): float(r["test_acc"])
+           for r in _rows(results / "finetune_cells.csv")}
+  probe = {r["task"]: r for r in _rows(results / "linear_probe_tasks.csv")}
+  gt = store.ground_truth()
+  differs = False
+  for task in store.task_names("val") + store.task_names("train"):
+    row = dict(zip(store.ptm_names, gt.row(task, store.ptm_names)))
+    for m, v in row.items():  # (Lite0 is probed: finetune.skip of :tiny)
+      if task in tuned and m not in c.finetune.skip:
+        assert v == pytest.approx(cells[(task, m)], abs=1e-6)
+        differs |= abs(v - float(probe[task][m])) > 1e-6
+      else:
+        assert v == pytest.approx(float(probe[task][m]), rel=1e-5)
+  assert differs, "fine-tuned and probe ground truth agree everywhere"
+  # A cell reproduces from the task's own images.
+  pools = extract.build_pools(c)
+  zoo = extract.build_zoo(c, pools, log=lambda s: None)
+  reg = extract.build_registry(c, zoo)
+  task = next(t for t in extract.task_list(c, pools) if t.name == tuned[-1])
+  res = groundtruth.finetune_cell(
+      reg["mlp@fashion_0_4"].load(),
+      groundtruth.task_images(pools[task.pool], task.rows),
+      groundtruth.finetune_settings(c, reg["mlp@fashion_0_4"]))
+  assert res["test_acc"] == pytest.approx(
+      cells[(task.name, "mlp@fashion_0_4")], abs=1.0)
+  # A rerun computes nothing new.
+  n = len(_rows(results / "finetune_cells.csv"))
+  groundtruth.run(c, log=lambda s: None)
+  assert len(_rows(results / "finetune_cells.csv")) == n
+  # The ranker's view: only the fine-tuned training/validation tasks.
+  from configs import train as train_config  # pylint: disable=g-import-not-at-top
+  from spider_jax.train import open_or_build_store  # pylint: disable=g-import-not-at-top
+  t = train_config.get_config("tiny")
+  t.store, t.finetuned_tasks_only = summary["store"], True
+  view = open_or_build_store(t, tmp_path)
+  assert view.task_names("train") == tuned[-2:]
+  assert view.task_names("val") == store.task_names("val")
+  assert view.task_names("target") == store.task_names("target")
+  t.store = plain["store"]
+  with pytest.raises(ValueError, match="no fine-tuned training or valid"):
+    open_or_build_store(t, tmp_path)
+
+
 def test_committed_full_table_reproduces():
   """Recomputes committed full-benchmark cells of the cheapest PTM (mlp),
   training that zoo member first when the cache does not hold it."""

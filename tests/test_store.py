@@ -147,6 +147,9 @@ def test_views_select_ptms_and_hide_pools(tmp_path):
     FeatureStore(full.path, ptms=["b", "zz"])
   with pytest.raises(StoreError, match=r"exclude_pools names \['nope'\]"):
     FeatureStore(full.path, exclude_pools=["nope"])
+  assert FeatureStore(full.path, exclude_tasks=["u"]).task_names() == ["t"]
+  with pytest.raises(StoreError, match="exclude_tasks names nope, which store"):
+    FeatureStore(full.path, exclude_tasks=["nope"])
   with pytest.raises(ValueError, match="target_cell_source"):
     select_ptms(write(tmp_path / "plain"), "fine_tuned")
 

@@ -243,7 +243,8 @@ class FeatureStore:
   """Read access to a FeatureStore directory (see the module docstring)."""
 
   def __init__(self, path: os.PathLike, ptms: Sequence[str] | None = None,
-               exclude_pools: Sequence[str] = ()):
+               exclude_pools: Sequence[str] = (),
+               exclude_tasks: Sequence[str] = ()):
     """Opens the store at `path`.
 
     Args:
@@ -252,6 +253,7 @@ class FeatureStore:
         `ptm_dims` and everything built on them see only these PTMs, in
         store order). None = the whole zoo.
       exclude_pools: pools whose tasks the view hides (`task_names`).
+      exclude_tasks: tasks the view hides (`task_names`).
     """
     self.path = pathlib.Path(path)
     meta_path = self.path / "meta.json"
@@ -288,6 +290,12 @@ class FeatureStore:
                        f"{self.path} does not hold (pools: "
                        f"{_short(meta.get('pools', {}))}).")
     self.exclude_pools = frozenset(exclude_pools)
+    unknown = sorted(set(exclude_tasks) - set(meta.get("tasks", {})))
+    if unknown:
+      raise StoreError(f"exclude_tasks names {_short(unknown)}, which store "
+                       f"{self.path} does not hold (tasks: "
+                       f"{_short(meta.get('tasks', {}))}).")
+    self.exclude_tasks = frozenset(exclude_tasks)
     self._gt: GroundTruth | None = None
 
   @property
@@ -304,7 +312,8 @@ class FeatureStore:
       raise StoreError(f"unknown task role {role!r}; use one of {ROLES}.")
     return [n for n, t in self.meta["tasks"].items()
             if (role is None or t["role"] == role)
-            and t["pool"] not in self.exclude_pools]
+            and t["pool"] not in self.exclude_pools
+            and n not in self.exclude_tasks]
 
   def ground_truth(self) -> GroundTruth:
     """The store's ground-truth table (cached)."""

@@ -231,13 +231,20 @@ def store_hash(cfg, pools: Mapping[str, builders.Pool],
                zoo: Mapping[str, dict]) -> str:
   """Content hash of everything the store's features and tasks depend on."""
   used = list(cfg.pools.train) + list(cfg.pools.val) + list(cfg.pools.targets)
-  return hash_json({
+  key = {
       "pools": {n: pool_hash(pools[n]) for n in used},
       "zoo": {n: z["config_hash"] for n, z in zoo.items()},
       "efficientnet": list(cfg.zoo.efficientnet),
       "open_nsfw": bool(cfg.zoo.open_nsfw), "image_size": cfg.zoo.image_size,
       "encoder": cfg.generic_encoder, "tasks": cfg.tasks.to_dict(),
-      "v": CODE_VERSION})[:12]
+      "v": CODE_VERSION}
+  f = cfg.get("finetune")
+  if f is not None and (f.get("val_tasks") or f.get("train_tasks")):
+    # Its ground truth differs from the probe-only store's (same features).
+    key["finetuned_tasks"] = {"val": bool(f.val_tasks),
+                              "train": int(f.train_tasks),
+                              "pools": list(f.get("task_pools", ()))}
+  return hash_json(key)[:12]
 
 
 def store_path(cfg, pools, zoo) -> pathlib.Path:

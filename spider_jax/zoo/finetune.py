@@ -54,6 +54,21 @@ TRAINABLE = nnx.All(nnx.Param, nnx.Not(nnx.Any(nnx.PathContains("fc"),
                                                nnx.PathContains("head"))))
 
 
+@functools.lru_cache(maxsize=32)
+def _trainer(graphdef: nnx.GraphDef, weight_decay: float) -> loop.Trainer:
+  """One Trainer (jitted steps) per model structure and weight decay.
+
+  GraphDefs compare structurally, so fine-tuning the same PTM with the same
+  head width on another task reuses the compiled steps (measured: about
+  half of an EfficientNet-Lite cell on a 262-image task was compiling).
+  The cache is small: every kept executable holds LLVM code mappings, and
+  a few hundred of them exhausted the process's memory maps (measured:
+  "LLVM ERROR: Unable to allocate section memory" after ~250 cells with
+  256 entries), so callers order their work to reuse recent entries.
+  """
+  return loop.Trainer(graphdef, weight_decay=weight_decay)
+
+
 def _preprocess_all(pre, images: np.ndarray, batch_size: int = 256
                     ) -> np.ndarray:
   return registry_lib.extract_features(jax.jit(pre), images, batch_size)
@@ -104,7 +119,7 @@ def finetune(ptm: registry_lib.PTMSpec | registry_lib.LoadedPTM,
   net = FineTuneNet(loaded.model, spec.feature_dim, num_classes,
                     rngs=nnx.Rngs(params=k_head))
   graphdef, params0, rest = nnx.split(net, TRAINABLE, ...)
-  trainer = loop.Trainer(graphdef, weight_decay=weight_decay)
+  trainer = _trainer(graphdef, float(weight_decay))
   val_acc, test_acc, secs = {}, {}, {}
   for lr in lrs:
     t0 = time.perf_counter()
