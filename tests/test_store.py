@@ -145,7 +145,7 @@ def test_views_select_ptms_and_hide_pools(tmp_path):
       view.ground_truth().row("t", view.ptm_names), [70.5])
   with pytest.raises(StoreError, match=r"unknown \['zz'\]"):
     FeatureStore(full.path, ptms=["b", "zz"])
-  with pytest.raises(StoreError, match=r"exclude_pools names \['nope'\]"):
+  with pytest.raises(StoreError, match="exclude_pools names nope, which store"):
     FeatureStore(full.path, exclude_pools=["nope"])
   assert FeatureStore(full.path, exclude_tasks=["u"]).task_names() == ["t"]
   with pytest.raises(StoreError, match="exclude_tasks names nope, which store"):

@@ -284,19 +284,18 @@ class FeatureStore:
             f"{unknown} (the store holds {_short(self.ptm_names)}); name "
             "PTMs of the store.")
       self.ptms = tuple(p for p in self.ptms if p.name in set(ptms))
-    unknown = sorted(set(exclude_pools) - set(meta.get("pools", {})))
-    if unknown:
-      raise StoreError(f"exclude_pools names {unknown}, which store "
-                       f"{self.path} does not hold (pools: "
-                       f"{_short(meta.get('pools', {}))}).")
-    self.exclude_pools = frozenset(exclude_pools)
-    unknown = sorted(set(exclude_tasks) - set(meta.get("tasks", {})))
-    if unknown:
-      raise StoreError(f"exclude_tasks names {_short(unknown)}, which store "
-                       f"{self.path} does not hold (tasks: "
-                       f"{_short(meta.get('tasks', {}))}).")
-    self.exclude_tasks = frozenset(exclude_tasks)
+    self.exclude_pools = self._known(exclude_pools, "pools")
+    self.exclude_tasks = self._known(exclude_tasks, "tasks")
     self._gt: GroundTruth | None = None
+
+  def _known(self, names: Sequence[str], kind: str) -> frozenset[str]:
+    """`names` as a set, after checking the store holds every one."""
+    unknown = sorted(set(names) - set(self.meta.get(kind, {})))
+    if unknown:
+      raise StoreError(f"exclude_{kind} names {_short(unknown)}, which store "
+                       f"{self.path} does not hold ({kind}: "
+                       f"{_short(self.meta.get(kind, {}))}).")
+    return frozenset(names)
 
   @property
   def ptm_names(self) -> tuple[str, ...]:
