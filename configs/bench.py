@@ -12,9 +12,11 @@ Variants:
         probe, recorded as such). Builds in about a minute on 2 cores.
   default  the zoo that `python -m spider_jax.rank` ranks: `full` without
         Open-NSFW (19 fine-tunable PTMs; skipping its 224-px ONNX
-        extraction saves about 2/3 of the extraction time). It computes no
-        fine-tune cell itself: target cells come from the committed
-        results/bench/full (`ground_truth_from`) where their cell hashes
+        extraction saves about 2/3 of the extraction time), plus fine-tuned
+        ground truth for the 24 validation tasks and the first 40 training
+        tasks of the pools that are not source-side. It computes no
+        fine-tune cell itself: cells come from the committed
+        results/bench/default (`ground_truth_from`) where their cell hashes
         match this build, the linear probe (also seeded from there) where
         they do not, and the report says which.
   full  4 local archs (cnn_s, cnn_w, resnet_s, mlp) x 4 pretraining sources
@@ -42,6 +44,16 @@ TRAIN_POOLS_FULL = (
     "font_arabic_ranker", "font_thai_ranker", "font_devanagari_ranker",
     "font_bengali_ranker", "fashion_0_4_ranker")
 VAL_POOLS_FULL = ("font_tamil_ranker", "animal_src_ranker")
+# Ranker pools whose classes are some PTMs' own pretraining classes (other
+# images or fonts of them). Their tasks teach "a PTM is best on its own
+# classes", which never holds on the targets (all classes are new to every
+# PTM), so the ranker leaves them out (configs/rank.py; measured: README,
+# "What we tried") and the default benchmark fine-tunes no task of them.
+SOURCE_SIDE_POOLS = ("font_latin_upper_ranker", "fashion_0_4_ranker",
+                     "animal_src_ranker")
+# Pools whose validation / training tasks `default` fine-tunes.
+FINETUNED_TASK_POOLS = tuple(p for p in TRAIN_POOLS_FULL + VAL_POOLS_FULL
+                             if p not in SOURCE_SIDE_POOLS)
 SOURCES_FULL = ("fashion_0_4_pretrain", "animal_src_pretrain",
                 "font_latin_upper_pretrain", "font_cyrillic_upper_pretrain")
 
@@ -55,7 +67,8 @@ def get_config(variant: str = "full") -> ml_collections.ConfigDict:
   c.variant = variant
   # A results directory of an earlier run whose fine-tune cells and probe
   # cache seed this run's (used where their hashes match); "" = none.
-  c.ground_truth_from = "results/bench/full" if variant == "default" else ""
+  c.ground_truth_from = ("results/bench/default" if variant == "default"
+                         else "")
   real = variant in ("default", "full")
   c.seed = 0                       # pools (font rendering, rows) and tasks
   c.cache_dir = os.environ.get("SPIDER_JAX_CACHE",
@@ -140,10 +153,13 @@ def get_config(variant: str = "full") -> ml_collections.ConfigDict:
   # targets; their ground truth becomes fine-tuned accuracy once all their
   # cells are done): every validation task, the first N training tasks,
   # both only from `task_pools` (() = every pool). A store with any of them
-  # gets its own cache key. Measured cost: README, "What we tried".
-  c.finetune.val_tasks = False
-  c.finetune.train_tasks = 0
-  c.finetune.task_pools = ()
+  # gets its own cache key. `default` has the 24 validation tasks and the
+  # first 40 training tasks of FINETUNED_TASK_POOLS (cells committed in
+  # results/bench/default; 1,216 cells, 83 min on 2 cores: README, "What we
+  # tried").
+  c.finetune.val_tasks = variant == "default"
+  c.finetune.train_tasks = 40 if variant == "default" else 0
+  c.finetune.task_pools = FINETUNED_TASK_POOLS if variant == "default" else ()
   # Cell order (PTM names or families, earliest first; the rest last).
   c.finetune.order = ("mlp", "cnn_s", "efficientnet_lite0", "resnet_s",
                       "cnn_w", "efficientnet_lite1", "efficientnet_lite2")

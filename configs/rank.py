@@ -47,13 +47,6 @@ VARIANTS = {
     "synthetic_tiny": ("tiny", ""),
 }
 
-# Ranker pools whose classes are some PTMs' own pretraining classes (other
-# images or fonts of them). Their tasks teach "a PTM is best on its own
-# classes", which never holds on the targets (all classes are new to every
-# PTM), so the benchmark variants leave them out of ranker training and
-# validation (measured: README, "What we tried").
-SOURCE_SIDE_POOLS = ("font_latin_upper_ranker", "fashion_0_4_ranker",
-                     "animal_src_ranker")
 
 # Baselines of the default report: every method of spider_jax.baselines
 # whose cost on the 10 targets x 19 PTMs stays in minutes on 2 CPU cores
@@ -75,7 +68,10 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
     c.bench = bench.get_config(bench_variant)
     c.ptms = "all" if bench_variant == "tiny" else "fine_tuned"
     if bench_variant != "tiny":
-      c.exclude_pools = ",".join(SOURCE_SIDE_POOLS)
+      c.exclude_pools = ",".join(bench.SOURCE_SIDE_POOLS)
+    # Train and validate on the tasks with fine-tuned ground truth only
+    # (measured: README, "What we tried").
+    c.finetuned_tasks_only = bench_variant == "default"
   c.rank = ml_collections.ConfigDict(dict(
       checkpoint="", k=-1, tasks="target",
       methods=(DEFAULT_METHODS if bench_variant else "spider,prior,random"),
