@@ -69,9 +69,6 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
     c.ptms = "all" if bench_variant == "tiny" else "fine_tuned"
     if bench_variant != "tiny":
       c.exclude_pools = ",".join(bench.SOURCE_SIDE_POOLS)
-    # Train and validate on the tasks with fine-tuned ground truth only
-    # (measured: README, "What we tried").
-    c.finetuned_tasks_only = bench_variant == "default"
   c.rank = ml_collections.ConfigDict(dict(
       checkpoint="", k=-1, tasks="target",
       methods=(DEFAULT_METHODS if bench_variant else "spider,prior,random"),

@@ -51,10 +51,13 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
   # Pools whose tasks are left out of training, validation and ranking
   # ("pool,pool,..."; "" = none).
   c.exclude_pools = ""
-  # Train and validate only on the tasks whose ground truth is fine-tuned
-  # accuracy (a store built with finetune.val_tasks / train_tasks; see
-  # configs/bench.py); the targets are unaffected.
-  c.finetuned_tasks_only = False
+  # Which training/validation tasks the ranker uses, by their ground truth:
+  # "finetuned" (only those whose ground truth is fine-tuned accuracy, as
+  # listed by a store built with finetune.val_tasks / train_tasks, see
+  # configs/bench.py; an error if the store lists none), "any" (every
+  # task), or "auto" ("finetuned" if the store lists any, else "any").
+  # The targets are unaffected.
+  c.ground_truth = "auto"
   # PTM-token initialisation: "normal" (N(0, 1), official) or "features"
   # (from each PTM's own features on training images; train.py
   # ptm_feature_tokens).

@@ -62,25 +62,31 @@ def open_or_build_store(config: ml_collections.ConfigDict,
   whole = FeatureStore(path)
   return FeatureStore(path, ptms=select_ptms(whole, config.ptms),
                       exclude_pools=exclude,
-                      exclude_tasks=(not_finetuned(whole) if config.get(
-                          "finetuned_tasks_only") else ()))
+                      exclude_tasks=not_finetuned(whole, config.ground_truth))
 
 
-def not_finetuned(store: FeatureStore) -> list[str]:
-  """Training/validation tasks whose ground truth is not fine-tuned.
+def not_finetuned(store: FeatureStore, ground_truth: str) -> list[str]:
+  """Training/validation tasks to leave out under config `ground_truth`.
 
-  The store's meta.json lists the fine-tuned ones
-  (`ground_truth.finetuned_tasks`, written by spider_jax.groundtruth with
-  `finetune.val_tasks` / `finetune.train_tasks`).
+  "any": none; "finetuned": every one whose ground truth is not
+  fine-tuned (the store's meta.json lists the fine-tuned ones under
+  `ground_truth.finetuned_tasks`, written by spider_jax.groundtruth with
+  `finetune.val_tasks` / `finetune.train_tasks`); "auto": "finetuned" if
+  the store lists any, else "any".
   """
+  if ground_truth not in ("any", "finetuned", "auto"):
+    raise ValueError(f"ground_truth={ground_truth!r}; use any, finetuned or "
+                     "auto.")
   tuned = set(store.meta.get("ground_truth", {}).get("finetuned_tasks", ()))
+  if ground_truth == "any" or (ground_truth == "auto" and not tuned):
+    return []
   if not tuned:
     raise ValueError(
-        f"finetuned_tasks_only is set but store {store.path} has no "
-        "fine-tuned training or validation task; build one with "
-        "`python -m spider_jax.groundtruth --config=configs/bench.py:default "
+        f"ground_truth=finetuned but store {store.path} has no fine-tuned "
+        "training or validation task; build one with `python -m "
+        "spider_jax.groundtruth --config=configs/bench.py:default "
         "--config.finetune.enabled=True --config.finetune.val_tasks=True "
-        "--config.finetune.train_tasks=N`, or leave the option off.")
+        "--config.finetune.train_tasks=N`, or use ground_truth=any.")
   return [n for n in store.task_names() if store.meta["tasks"][n]["role"]
           != "target" and n not in tuned]
 

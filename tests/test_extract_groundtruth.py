@@ -169,8 +169,8 @@ def test_finetune_cells_reproduce(tiny):
 
 def test_finetuned_validation_and_training_tasks(tiny, tmp_path):
   """finetune.val_tasks / train_tasks: those tasks' ground truth becomes
-  fine-tuned accuracy, in a store of their own, and the ranker can be
-  restricted to them."""
+  fine-tuned accuracy, in a store of their own, and the ranker's
+  `ground_truth` option restricts it to them."""
   cfg, plain = tiny
   c = cfg.copy_and_resolve_references()
   with c.unlocked():
@@ -216,13 +216,24 @@ def test_finetuned_validation_and_training_tasks(tiny, tmp_path):
   from configs import train as train_config  # pylint: disable=g-import-not-at-top
   from spider_jax.train import open_or_build_store  # pylint: disable=g-import-not-at-top
   t = train_config.get_config("tiny")
-  t.store, t.finetuned_tasks_only = summary["store"], True
-  view = open_or_build_store(t, tmp_path)
-  assert view.task_names("train") == tuned[-2:]
-  assert view.task_names("val") == store.task_names("val")
-  assert view.task_names("target") == store.task_names("target")
-  t.store = plain["store"]
+  assert t.ground_truth == "auto"
+  t.store = summary["store"]
+  for mode in ("auto", "finetuned"):
+    t.ground_truth = mode
+    view = open_or_build_store(t, tmp_path)
+    assert view.task_names("train") == tuned[-2:]
+    assert view.task_names("val") == store.task_names("val")
+    assert view.task_names("target") == store.task_names("target")
+  t.ground_truth = "any"
+  assert open_or_build_store(t, tmp_path).task_names() == store.task_names()
+  t.store = plain["store"]  # No fine-tuned task: auto uses them all.
+  t.ground_truth = "auto"
+  assert len(open_or_build_store(t, tmp_path).task_names("train")) == 20
+  t.ground_truth = "finetuned"
   with pytest.raises(ValueError, match="no fine-tuned training or valid"):
+    open_or_build_store(t, tmp_path)
+  t.ground_truth = "fine"
+  with pytest.raises(ValueError, match="use any, finetuned or auto"):
     open_or_build_store(t, tmp_path)
 
 
