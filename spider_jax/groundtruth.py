@@ -373,10 +373,10 @@ def task_images(pool, rows: np.ndarray) -> TaskImages:
                     pool.split[rows], int(classes.size))
 
 
-def task_hash(pool, rows: np.ndarray) -> str:
-  """Content hash of a sampled task: its pool and its rows."""
+def task_hash(pool_sha: str, rows: np.ndarray) -> str:
+  """Content hash of a sampled task: its pool's hash and its rows."""
   return extract.hash_json({
-      "pool": extract.pool_hash(pool),
+      "pool": pool_sha,
       "rows": hashlib.sha256(np.asarray(rows, np.int64).tobytes()
                              ).hexdigest()})[:12]
 
@@ -462,12 +462,13 @@ def run_finetune(cfg, pools, reg, zoo, results_dir: pathlib.Path, *,
       _append_cell(path, _run_cell(loaded, target, pools[target], settings,
                                    h, log))
   loaded_ptms = {}
+  pool_sha = {p: extract.pool_hash(pools[p]) for p in {t.pool for t in tasks}}
   views = [(task, task_images(pools[task.pool], task.rows)) for task in tasks]
   # Validation tasks first; tasks with the same class count next to each
   # other, so each PTM's compiled steps (finetune._trainer) are reused.
   views.sort(key=lambda tv: (tv[0].role != "val", tv[1].num_classes))
   for task, view in views:
-    sha = task_hash(pools[task.pool], task.rows)
+    sha = task_hash(pool_sha[task.pool], task.rows)
     for name in ptms:
       spec = reg[name]
       settings = finetune_settings(cfg, spec)

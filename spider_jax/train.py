@@ -62,10 +62,10 @@ def open_or_build_store(config: ml_collections.ConfigDict,
   whole = FeatureStore(path)
   return FeatureStore(path, ptms=select_ptms(whole, config.ptms),
                       exclude_pools=exclude,
-                      exclude_tasks=not_finetuned(whole, config.ground_truth))
+                      exclude_tasks=tasks_to_hide(whole, config.ground_truth))
 
 
-def not_finetuned(store: FeatureStore, ground_truth: str) -> list[str]:
+def tasks_to_hide(store: FeatureStore, ground_truth: str) -> list[str]:
   """Training/validation tasks to leave out under config `ground_truth`.
 
   "any": none; "finetuned": every one whose ground truth is not
