@@ -354,6 +354,13 @@ def test_finetune_local(tmp_path, digits):
   spec = registry.local_spec(tmp_path / "m")
   r1 = finetune.finetune(spec, x[tr], y[tr], x[va], y[va], x[te], y[te],
                          lrs=(1e-3, 1e-2), epochs=3, seed=0)
+  # The memory-map guard: below its threshold it keeps the compiled steps;
+  # at fraction 0 it drops them, and the next cell recompiles and gives the
+  # same numbers.
+  assert not finetune.release_compiled_code(fraction=1.0)
+  assert finetune._trainer.cache_info().currsize >= 1
+  assert finetune.release_compiled_code(fraction=0.0)
+  assert finetune._trainer.cache_info().currsize == 0
   r2 = finetune.finetune(spec, x[tr], y[tr], x[va], y[va], x[te], y[te],
                          lrs=(1e-3, 1e-2), epochs=3, seed=0)
   assert r1["test_acc"] == r2["test_acc"] and r1["val_acc"] == r2["val_acc"]

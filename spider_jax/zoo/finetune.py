@@ -59,14 +59,46 @@ def _trainer(graphdef: nnx.GraphDef, weight_decay: float) -> loop.Trainer:
   """One Trainer (jitted steps) per model structure and weight decay.
 
   GraphDefs compare structurally, so fine-tuning the same PTM with the same
-  head width on another task reuses the compiled steps (measured: about
-  half of an EfficientNet-Lite cell on a 262-image task was compiling).
-  The cache is small: every kept executable holds LLVM code mappings, and
-  a few hundred of them exhausted the process's memory maps (measured:
-  "LLVM ERROR: Unable to allocate section memory" after ~250 cells with
-  256 entries), so callers order their work to reuse recent entries.
+  head width on another task reuses the compiled steps (median
+  EfficientNet-Lite cell in results/bench/default/finetune_cells.csv: 23 s
+  on the validation tasks, whose head widths are mostly new, 16 s on the
+  training tasks, whose widths mostly repeat).
+  Callers order their work to reuse recent entries. Evicted entries'
+  executables stay mapped until `release_compiled_code` clears them.
   """
   return loop.Trainer(graphdef, weight_decay=weight_decay)
+
+
+def _memory_maps() -> tuple[int, int] | None:
+  """(memory maps this process holds, the kernel's limit); None off Linux."""
+  try:
+    with open("/proc/self/maps", "rb") as f:
+      used = sum(1 for _ in f)
+    with open("/proc/sys/vm/max_map_count") as f:
+      return used, int(f.read())
+  except (OSError, ValueError):
+    return None
+
+
+def release_compiled_code(fraction: float = 0.5) -> bool:
+  """Drops every compiled JAX executable once memory maps near the limit.
+
+  An executable stays mapped after its jitted function is gone (also when
+  `_trainer` evicts one) until `jax.clear_caches()`; fine-tuning one PTM
+  per head width and task leaked about 400 maps per cell and failed with
+  "LLVM compilation error: Cannot allocate memory" after ~150 cells at
+  Linux's default limit of 65,530 (measured). Above `fraction` of the limit
+  this clears JAX's caches and `_trainer`'s, so later cells recompile.
+
+  Returns:
+    True if it cleared.
+  """
+  maps = _memory_maps()
+  if maps is None or maps[0] < fraction * maps[1]:
+    return False
+  _trainer.cache_clear()
+  jax.clear_caches()
+  return True
 
 
 def _preprocess_all(pre, images: np.ndarray, batch_size: int = 256
@@ -105,6 +137,7 @@ def finetune(ptm: registry_lib.PTMSpec | registry_lib.LoadedPTM,
     seconds_per_lr: {lr: training seconds}, ptm: name, num_train, epochs).
   """
   t_start = time.perf_counter()
+  release_compiled_code()
   loaded = ptm.load() if isinstance(ptm, registry_lib.PTMSpec) else ptm
   spec = loaded.spec
   if not spec.fine_tunable or loaded.model is None:
