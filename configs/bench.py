@@ -13,7 +13,7 @@ Variants:
   default  the zoo that `python -m spider_jax.rank` ranks: `full` without
         Open-NSFW (19 fine-tunable PTMs; skipping its 224-px ONNX
         extraction saves about 2/3 of the extraction time), plus fine-tuned
-        ground truth for the 24 validation tasks and the first 40 training
+        ground truth for the 24 validation tasks and the first 90 training
         tasks of the pools that are not source-side. It computes no
         fine-tune cell itself: cells come from the committed
         results/bench/default (`ground_truth_from`) where their cell hashes
@@ -154,11 +154,11 @@ def get_config(variant: str = "full") -> ml_collections.ConfigDict:
   # cells are done): every validation task, the first N training tasks,
   # both only from `task_pools` (() = every pool). A store with any of them
   # gets its own cache key. `default` has the 24 validation tasks and the
-  # first 40 training tasks of FINETUNED_TASK_POOLS (cells committed in
-  # results/bench/default; 1,216 cells, 83 min on 2 cores: README, "What we
-  # tried").
+  # first 90 training tasks of FINETUNED_TASK_POOLS (cells committed in
+  # results/bench/default; 2,166 cells, 141 min of cell time on 2 cores:
+  # README, "What we tried").
   c.finetune.val_tasks = variant == "default"
-  c.finetune.train_tasks = 40 if variant == "default" else 0
+  c.finetune.train_tasks = 90 if variant == "default" else 0
   c.finetune.task_pools = FINETUNED_TASK_POOLS if variant == "default" else ()
   # Cell order (PTM names or families, earliest first; the rest last).
   c.finetune.order = ("mlp", "cnn_s", "efficientnet_lite0", "resnet_s",
