@@ -61,7 +61,7 @@ def _trainer(graphdef: nnx.GraphDef, weight_decay: float) -> loop.Trainer:
   GraphDefs compare structurally, so fine-tuning the same PTM with the same
   head width on another task reuses the compiled steps (median
   EfficientNet-Lite cell in results/bench/default/finetune_cells.csv: 23 s
-  on the validation tasks, whose head widths are mostly new, 16 s on the
+  on the validation tasks, whose head widths are mostly new, 17 s on the
   training tasks, whose widths mostly repeat).
   Callers order their work to reuse recent entries. Evicted entries'
   executables stay mapped until `release_compiled_code` clears them.
