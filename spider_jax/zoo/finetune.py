@@ -84,11 +84,11 @@ def release_compiled_code(fraction: float = 0.5) -> bool:
   """Drops every compiled JAX executable once memory maps near the limit.
 
   An executable stays mapped after its jitted function is gone (also when
-  `_trainer` evicts one) until `jax.clear_caches()`; fine-tuning one PTM
-  per head width and task leaked about 400 maps per cell and failed with
-  "LLVM compilation error: Cannot allocate memory" after ~150 cells at
-  Linux's default limit of 65,530 (measured). Above `fraction` of the limit
-  this clears JAX's caches and `_trainer`'s, so later cells recompile.
+  `_trainer` evicts one) until `jax.clear_caches()`. Fine-tuning the
+  default benchmark's training tasks failed with "LLVM compilation error:
+  Cannot allocate memory" after 115 cells, at Linux's default limit of
+  65,530 maps (measured). Above `fraction` of the limit this clears JAX's
+  caches and `_trainer`'s, so later cells recompile.
 
   Returns:
     True if it cleared.
