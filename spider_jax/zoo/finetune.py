@@ -116,6 +116,11 @@ def finetune(ptm: registry_lib.PTMSpec | registry_lib.LoadedPTM,
              num_classes: int | None = None) -> dict[str, Any]:
   """Fine-tunes all weights of `ptm` with a new head, per learning rate.
 
+  It first calls `release_compiled_code()`, which clears JAX's compilation
+  caches (process-wide) once the process holds half the kernel's memory-map
+  limit, so that callers looping over many cells (spider_jax.groundtruth,
+  spider_jax.zoo.bench) do not crash.
+
   Args:
     ptm: a spec (loaded here) or an already loaded PTM; must be
       `fine_tunable`.
