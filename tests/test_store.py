@@ -171,6 +171,22 @@ def test_training_batch_rows_equal_the_full_batch_rows(small_store):
   assert full["h_mask"].any() or sampler.batch(1)["h_mask"].any()
 
 
+def test_training_batch_with_fewer_tasks_than_its_size(small_store):
+  # Two tasks, batch 8: the batch wraps around the epoch's order 4 times.
+  from spider_jax.data.sampler import TrainingSampler
+  names = small_store.task_names("train")[:2]
+  sampler = TrainingSampler(small_store, names, batch_size=8, k_max=0,
+                            seed=0)
+  assert sampler.steps_per_epoch == 1
+  batch = sampler.batch(0)
+  assert batch["u"].shape[0] == batch["gt"].shape[0] == 8
+  gt = small_store.ground_truth()
+  want = np.stack([gt.row(n, small_store.ptm_names) for n in names])
+  for row in batch["gt"]:  # Every row is one of the two tasks.
+    assert any(np.array_equal(row, w.astype(np.float32)) for w in want)
+  np.testing.assert_array_equal(batch["gt"][:2], batch["gt"][2:4])
+
+
 def test_process_rows_and_put_local_batch_on_one_process():
   from spider_jax import sharding
   mesh = sharding.data_mesh()

@@ -130,8 +130,9 @@ class TrainingSampler:
     order = np.random.default_rng([self.seed, epoch]).permutation(
         len(self.tasks))
     idx = order[i * self.batch_size:(i + 1) * self.batch_size]
-    if idx.size < self.batch_size:  # Last batch of an epoch: wrap around.
-      idx = np.concatenate([idx, order[:self.batch_size - idx.size]])
+    if idx.size < self.batch_size:  # Last batch of an epoch: wrap around
+      # (as often as needed when there are fewer tasks than batch_size).
+      idx = np.concatenate([idx, np.resize(order, self.batch_size - idx.size)])
     rng = np.random.default_rng([self.seed, epoch, i, 1])
     tasks = [self.tasks[j] for j in idx]
     keep = [self._subsample(t, rng) for t in tasks]
