@@ -59,8 +59,9 @@ class ModelConfig:
     ln_eps: LayerNorm epsilon (PyTorch default 1e-5).
     ptm_specific: build per-PTM projections for re-ranking tokens.
     task_token: what a generic task token holds (`tokens.TASK_TOKENS`):
-      "prototype" (paper) or "prototype_spread" (prototype and per-class
-      spread, 2 Dg wide).
+      "prototype" (paper), "prototype_spread" (prototype and per-class
+      spread, 2 Dg wide) or "prototype_centered" (prototype minus the
+      task's mean prototype).
   """
   dim: int = 1024
   num_layers: int = 1

@@ -1,9 +1,11 @@
 """Task tokens: class prototypes, padding buckets and masks.
 
 A task is represented by its class prototypes: the per-class mean of
-L2-normalised features (`task_token="prototype"`, Model Spider), or the
+L2-normalised features (`task_token="prototype"`, Model Spider), the
 prototype concatenated with the per-class, per-dimension standard deviation
-of those features (`"prototype_spread"`, twice as wide). Tokens are padded
+of those features (`"prototype_spread"`, twice as wide), or the prototype
+minus the mean of the task's prototypes (`"prototype_centered"`: the task's
+offset in feature space, e.g. its image domain, is removed). Tokens are padded
 to a static *bucket* so that jit compiles once per bucket, and a boolean
 mask marks the real rows.
 
@@ -76,7 +78,7 @@ def class_prototypes(features, labels, num_classes: int, *,
   return sums / xp.maximum(counts, 1)
 
 
-TASK_TOKENS = ("prototype", "prototype_spread")
+TASK_TOKENS = ("prototype", "prototype_spread", "prototype_centered")
 
 
 def token_dim(dim: int, task_token: str = "prototype") -> int:
@@ -95,9 +97,11 @@ def class_tokens(features, labels, num_classes: int, *,
     features: [N, D] float features.
     labels: [N] int in 0..num_classes-1.
     num_classes: C (static).
-    task_token: "prototype" ([C, D] `class_prototypes`) or
+    task_token: "prototype" ([C, D] `class_prototypes`),
       "prototype_spread" ([C, 2 D]: prototype, then the per-dimension
-      standard deviation of the class's L2-normalised features).
+      standard deviation of the class's L2-normalised features) or
+      "prototype_centered" ([C, D]: prototypes minus their mean over the C
+      classes).
 
   Returns:
     [C, token_dim(D, task_token)]; a class without samples gives zeros.
@@ -106,6 +110,8 @@ def class_tokens(features, labels, num_classes: int, *,
   protos = class_prototypes(features, labels, num_classes)
   if task_token == "prototype":
     return protos
+  if task_token == "prototype_centered":
+    return protos - protos.mean(axis=0, keepdims=True)
   xp = _xp(features)
   x = l2_normalize(features)
   second = class_prototypes(x * x, labels, num_classes, normalize=False)

@@ -85,6 +85,17 @@ def test_prototype_spread_tokens():
   assert model(cfg).u_w[...].shape == (24, 8)
 
 
+def test_prototype_centered_tokens():
+  rng = np.random.default_rng(2)
+  x = rng.normal(size=(40, 6))
+  y = np.repeat(np.arange(4), 10)
+  protos = tokens.class_prototypes(x, y, 4)
+  got = tokens.class_tokens(x, y, 4, task_token="prototype_centered")
+  np.testing.assert_allclose(got, protos - protos.mean(0), atol=1e-12)
+  np.testing.assert_allclose(got.sum(0), 0.0, atol=1e-12)
+  assert tokens.token_dim(6, "prototype_centered") == 6
+
+
 def test_buckets_and_padding():
   assert [tokens.bucket_size(n) for n in (1, 8, 9, 13, 85, 200, 397, 1500)
           ] == [8, 8, 12, 16, 96, 256, 448, 1536]
