@@ -9,18 +9,18 @@ The validation tasks of the default benchmark all come from one pool (Tamil
 glyphs). This gives a second, larger estimate of how a ranker setting
 (configs/rank.py:default plus the --config overrides) does on a pool it never
 saw: for every pool of the ranker's training tasks and every seed, it trains
-the ranker without that pool's tasks and scores them (at the re-ranking depth
-chosen on the validation tasks, or --k), next to the constant prior of the same
-training tasks, and blends of the two (z(ranker) + w z(prior),
+the ranker without that pool's tasks and scores them (at the re-ranking
+depth chosen on the validation tasks, or --k), next to the constant prior of
+the same training tasks and blends of the two (z(ranker) + w z(prior),
 --prior_weights). It prints mean weighted tau per pool and over all held-out
-tasks, per seed, and writes WORKDIR/pool_cv.json (pool_cv_k<K>.json with --k). Fold runs are kept in
-WORKDIR/<pool>/seed_<s>, so a rerun only rescores. Targets are never read.
+tasks, per seed, and writes WORKDIR/pool_cv.json (pool_cv_k<K>.json with
+--k). Fold runs are kept in WORKDIR/<pool>/seed_<s>, so a rerun only
+rescores. Targets are never read.
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import os
 import pathlib
 import sys
