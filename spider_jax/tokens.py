@@ -4,10 +4,10 @@ A task is represented by its class prototypes: the per-class mean of
 L2-normalised features (`task_token="prototype"`, Model Spider), the
 prototype concatenated with the per-class, per-dimension standard deviation
 of those features (`"prototype_spread"`, twice as wide), or the prototype
-minus the mean of the task's prototypes (`"prototype_centered"`: the task's
-offset in feature space, e.g. its image domain, is removed). Tokens are padded
-to a static *bucket* so that jit compiles once per bucket, and a boolean
-mask marks the real rows.
+minus the mean of the task's prototypes (`"prototype_centered"`: the
+task's offset in feature space, e.g. its image domain, is removed). Tokens
+are padded to a static *bucket* so that jit compiles once per bucket, and a
+boolean mask marks the real rows.
 
 Every function accepts numpy or JAX arrays and returns the same kind (numpy
 in the host-side data pipeline, jnp under jit).
@@ -100,8 +100,8 @@ def class_tokens(features, labels, num_classes: int, *,
     task_token: "prototype" ([C, D] `class_prototypes`),
       "prototype_spread" ([C, 2 D]: prototype, then the per-dimension
       standard deviation of the class's L2-normalised features) or
-      "prototype_centered" ([C, D]: prototypes minus their mean over the C
-      classes).
+      "prototype_centered" ([C, D]: prototypes minus their mean over the
+      classes that have samples).
 
   Returns:
     [C, token_dim(D, task_token)]; a class without samples gives zeros.
@@ -110,9 +110,11 @@ def class_tokens(features, labels, num_classes: int, *,
   protos = class_prototypes(features, labels, num_classes)
   if task_token == "prototype":
     return protos
-  if task_token == "prototype_centered":
-    return protos - protos.mean(axis=0, keepdims=True)
   xp = _xp(features)
+  if task_token == "prototype_centered":  # Mean over non-empty classes.
+    present = (labels[:, None] == xp.arange(num_classes)[None, :]).any(0)
+    mean = (protos * present[:, None]).sum(0) / xp.maximum(present.sum(), 1)
+    return xp.where(present[:, None], protos - mean, 0.0)
   x = l2_normalize(features)
   second = class_prototypes(x * x, labels, num_classes, normalize=False)
   spread = xp.sqrt(xp.maximum(second - protos * protos, 0.0))

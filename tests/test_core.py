@@ -94,6 +94,18 @@ def test_prototype_centered_tokens():
   np.testing.assert_allclose(got, protos - protos.mean(0), atol=1e-12)
   np.testing.assert_allclose(got.sum(0), 0.0, atol=1e-12)
   assert tokens.token_dim(6, "prototype_centered") == 6
+  # An empty class stays a zero row and is left out of the mean; jnp agrees.
+  y5 = y.copy()
+  y5[y5 == 3] = 4                                     # class 3 is empty
+  protos5 = tokens.class_prototypes(x, y5, 5)
+  want = protos5 - protos5[[0, 1, 2, 4]].mean(0)
+  want[3] = 0.0
+  got5 = tokens.class_tokens(x, y5, 5, task_token="prototype_centered")
+  np.testing.assert_allclose(got5, want, atol=1e-12)
+  np.testing.assert_allclose(
+      tokens.class_tokens(jnp.asarray(x, jnp.float32), jnp.asarray(y5), 5,
+                          task_token="prototype_centered"),
+      want, atol=1e-6)
 
 
 def test_buckets_and_padding():
