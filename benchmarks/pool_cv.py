@@ -51,12 +51,16 @@ def zscore(s: np.ndarray) -> np.ndarray:
                                                      1e-12)
 
 
-def fold_scores(config, workdir: pathlib.Path, store, pool: str, seed: int,
-                k: int = -1) -> tuple[list[str], np.ndarray, np.ndarray]:
+def fold_scores(config, workdir: pathlib.Path, store, pool: str,
+                names: list[str], seed: int,
+                k: int = -1) -> tuple[np.ndarray, np.ndarray]:
   """Trains (or reuses) the fold ranker without `pool`; scores its tasks.
 
+  Args:
+    names: the T training tasks of `pool`.
+
   Returns:
-    (task names [T], ranker scores [T, M], prior scores [T, M]).
+    (ranker scores [T, M], prior scores [T, M]).
   """
   c = copy.deepcopy(config)
   c.store = str(store.path)
@@ -68,12 +72,10 @@ def fold_scores(config, workdir: pathlib.Path, store, pool: str, seed: int,
                        batch_size=c.eval_batch_size)
   checkpoint.check_zoo(ranker.meta, store.ptm_names, store.ptm_dims,
                        store.encoder_dim)
-  names = [n for n in store.task_names("train")
-           if store.meta["tasks"][n]["pool"] == pool]
   scores = score_tasks(ranker.scorer, [store.task(n) for n in names],
                        ranker.zoo, k=int(ranker.meta.get("rerank_k", 0))
                        if k < 0 else k)
-  return names, np.asarray(scores), np.tile(ranker.prior, (len(names), 1))
+  return np.asarray(scores), np.tile(ranker.prior, (len(names), 1))
 
 
 def main(argv):
@@ -85,14 +87,16 @@ def main(argv):
   weights = [float(w) for w in flags.FLAGS.prior_weights]
   store = open_or_build_store(config, workdir)
   gt = store.ground_truth()
-  pools = sorted({store.meta["tasks"][n]["pool"]
-                  for n in store.task_names("train")})
+  pool_of = {n: store.meta["tasks"][n]["pool"]
+             for n in store.task_names("train")}
+  pools = sorted(set(pool_of.values()))
   out = {"store": str(store.path), "pools": pools, "seeds": seeds,
          "spider": {}, "prior": {}}
   for seed in seeds:
     for pool in pools:
-      names, spider, prior = fold_scores(config, workdir, store, pool, seed,
-                                          flags.FLAGS.k)
+      names = [n for n, p in pool_of.items() if p == pool]
+      spider, prior = fold_scores(config, workdir, store, pool, names, seed,
+                                  flags.FLAGS.k)
       blends = {f"spider+{w:g}*prior": zscore(spider) + w * zscore(prior)
                 for w in weights if w}
       for method, s in (("spider", spider), ("prior", prior),
