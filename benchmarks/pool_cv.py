@@ -16,6 +16,16 @@ the same training tasks and blends of the two (z(ranker) + w z(prior),
 tasks, per seed, and writes WORKDIR/pool_cv.json (pool_cv_k<K>.json with
 --k). Fold runs are kept in WORKDIR/<pool>/seed_<s>, so a rerun only
 rescores. Targets are never read.
+
+A fold also leaves out the pools made from the held-out one (the same glyphs
+degraded, e.g. font_arabic_ranker_thick_strokes for font_arabic_ranker, and
+the other way round). --hold_out limits the folds to some pools, e.g. the
+7 pools of the default store when extra pools are added to its training
+tasks:
+
+  python benchmarks/pool_cv.py --workdir=/tmp/cv_extra \
+      --config.bench.pools.extra_train=... \
+      --hold_out=font_arabic_ranker,font_bengali_ranker,...
 """
 
 from __future__ import annotations
@@ -34,6 +44,7 @@ from spider_jax import checkpoint, cli, metrics  # noqa: E402
 from spider_jax.rank import resolve_checkpoint  # noqa: E402
 from spider_jax.ranker import Ranker  # noqa: E402
 from spider_jax.scoring import score_tasks  # noqa: E402
+from spider_jax.data.builders import related_pools  # noqa: E402
 from spider_jax.data.store import atomic_write_json  # noqa: E402
 from spider_jax.train import open_or_build_store  # noqa: E402
 
@@ -43,6 +54,8 @@ flags.DEFINE_integer("k", -1, "Re-ranking depth; -1 = each fold ranker's "
 flags.DEFINE_list("prior_weights", ["0", "0.5", "1", "2", "4"],
                   "Also score z(ranker) + w * z(prior) for each w (z = "
                   "standardised over the zoo; w = 0 is the ranker alone).")
+flags.DEFINE_list("hold_out", [], "Pools to hold out, one fold each; empty = "
+                  "every pool of the training tasks.")
 
 
 def zscore(s: np.ndarray) -> np.ndarray:
@@ -52,12 +65,14 @@ def zscore(s: np.ndarray) -> np.ndarray:
 
 
 def fold_scores(config, workdir: pathlib.Path, store, pool: str,
-                names: list[str], seed: int,
-                k: int = -1) -> tuple[np.ndarray, np.ndarray]:
+                names: list[str], seed: int, k: int = -1,
+                also_exclude: tuple[str, ...] = ()
+                ) -> tuple[np.ndarray, np.ndarray]:
   """Trains (or reuses) the fold ranker without `pool`; scores its tasks.
 
   Args:
     names: the T training tasks of `pool`.
+    also_exclude: more pools the fold ranker leaves out.
 
   Returns:
     (ranker scores [T, M], prior scores [T, M]).
@@ -65,7 +80,8 @@ def fold_scores(config, workdir: pathlib.Path, store, pool: str,
   c = copy.deepcopy(config)
   c.store = str(store.path)
   c.seed = seed
-  c.exclude_pools = ",".join(p for p in (config.exclude_pools, pool) if p)
+  c.exclude_pools = ",".join(p for p in (config.exclude_pools, pool,
+                                         *also_exclude) if p)
   fold = workdir / pool / f"seed_{seed}"
   fold_store = open_or_build_store(c, fold)
   ranker = Ranker.load(resolve_checkpoint(c, fold, fold_store),
@@ -89,14 +105,20 @@ def main(argv):
   gt = store.ground_truth()
   pool_of = {n: store.meta["tasks"][n]["pool"]
              for n in store.task_names("train")}
-  pools = sorted(set(pool_of.values()))
+  every = sorted(set(pool_of.values()))
+  pools = sorted(flags.FLAGS.hold_out) or every
+  if set(pools) - set(every):
+    raise app.UsageError(f"--hold_out names pools without training tasks: "
+                         f"{sorted(set(pools) - set(every))}; they have: "
+                         f"{every}")
   out = {"store": str(store.path), "pools": pools, "seeds": seeds,
          "spider": {}, "prior": {}}
   for seed in seeds:
     for pool in pools:
       names = [n for n, p in pool_of.items() if p == pool]
-      spider, prior = fold_scores(config, workdir, store, pool, names, seed,
-                                  flags.FLAGS.k)
+      spider, prior = fold_scores(
+          config, workdir, store, pool, names, seed, flags.FLAGS.k,
+          tuple(q for q in related_pools(pool, every) if q != pool))
       blends = {f"spider+{w:g}*prior": zscore(spider) + w * zscore(prior)
                 for w in weights if w}
       for method, s in (("spider", spider), ("prior", prior),

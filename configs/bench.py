@@ -54,6 +54,12 @@ SOURCE_SIDE_POOLS = ("font_latin_upper_ranker", "fashion_0_4_ranker",
 # Pools whose validation / training tasks `default` fine-tunes.
 FINETUNED_TASK_POOLS = tuple(p for p in TRAIN_POOLS_FULL + VAL_POOLS_FULL
                              if p not in SOURCE_SIDE_POOLS)
+# Font pools degraded towards the natural targets (sklearn-digit-like low
+# resolution, MNIST-like thick strokes): candidates for pools.extra_train.
+DEGRADED_POOLS = ("font_latin_lower_ranker_low_resolution",
+                  "font_greek_lower_ranker_low_resolution",
+                  "font_cyrillic_lower_ranker_thick_strokes",
+                  "font_arabic_ranker_thick_strokes")
 SOURCES_FULL = ("fashion_0_4_pretrain", "animal_src_pretrain",
                 "font_latin_upper_pretrain", "font_cyrillic_upper_pretrain")
 
@@ -87,6 +93,10 @@ def get_config(variant: str = "full") -> ml_collections.ConfigDict:
     c.pools.train = ("font_latin_lower_ranker", "fashion_0_4_ranker",
                      "animal_src_ranker")
     c.pools.val = ("font_greek_lower_ranker",)
+  # More training pools whose tasks are drawn apart from the others
+  # (`tasks.num_extra_train` of them; adding some leaves every other task as
+  # it was), e.g. DEGRADED_POOLS.
+  c.pools.extra_train = ()
 
   # --- Zoo.
   c.zoo = ml_collections.ConfigDict()
@@ -114,6 +124,7 @@ def get_config(variant: str = "full") -> ml_collections.ConfigDict:
   c.tasks = ml_collections.ConfigDict()
   c.tasks.num_train = 300 if real else 20
   c.tasks.num_val = 48 if real else 4
+  c.tasks.num_extra_train = 0      # tasks from pools.extra_train
   c.tasks.seed = 0
   c.tasks.min_classes = 2
   c.tasks.max_classes = 20
@@ -160,6 +171,8 @@ def get_config(variant: str = "full") -> ml_collections.ConfigDict:
   c.finetune.val_tasks = variant == "default"
   c.finetune.train_tasks = 90 if variant == "default" else 0
   c.finetune.task_pools = FINETUNED_TASK_POOLS if variant == "default" else ()
+  # The first N tasks of pools.extra_train are fine-tuned too.
+  c.finetune.extra_train_tasks = 0
   # Cell order (PTM names or families, earliest first; the rest last).
   c.finetune.order = ("mlp", "cnn_s", "efficientnet_lite0", "resnet_s",
                       "cnn_w", "efficientnet_lite1", "efficientnet_lite2")

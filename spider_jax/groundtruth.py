@@ -299,11 +299,12 @@ def _append_cell(path: pathlib.Path, row: Mapping[str, Any]) -> None:
 
 def probe_key(cfg, pools, zoo: Mapping[str, dict], name: str) -> str:
   """Cache key of PTM `name`'s linear-probe results on the config's tasks."""
-  used = list(cfg.pools.train) + list(cfg.pools.val) + list(cfg.pools.targets)
+  used = (list(cfg.pools.train) + list(cfg.pools.val)
+          + list(cfg.pools.targets) + list(cfg.pools.get("extra_train", ())))
   return extract.hash_json({
       "pools": [(n, extract.pool_hash(pools[n])) for n in used],
       "ptm": zoo[name]["config_hash"] if name in zoo else name,
-      "image_size": cfg.zoo.image_size, "tasks": cfg.tasks.to_dict(),
+      "image_size": cfg.zoo.image_size, "tasks": extract.tasks_key(cfg),
       "probe": cfg.probe.to_dict(), "v": extract.CODE_VERSION})[:12]
 
 
@@ -386,16 +387,21 @@ def finetuned_tasks(cfg, tasks: Sequence[extract.Task]
   """Validation and training tasks whose ground truth is fine-tuned too.
 
   Config `finetune.val_tasks` (every validation task) and
-  `finetune.train_tasks` (the first N training tasks), both restricted to
-  the pools of `finetune.task_pools` (() = every pool); validation first.
+  `finetune.train_tasks` (the first N training tasks of `pools.train`),
+  both restricted to the pools of `finetune.task_pools` (() = every pool),
+  and `finetune.extra_train_tasks` (the first N training tasks of
+  `pools.extra_train`); validation first.
   """
   f = cfg.finetune
   pools = tuple(f.get("task_pools", ()))
+  extra = set(cfg.pools.get("extra_train", ()))
   ok = lambda t: not pools or t.pool in pools
   val = [t for t in tasks if t.role == "val" and ok(t)
          ] if f.get("val_tasks", False) else []
   train = [t for t in tasks if t.role == "train" and ok(t)
-           ][:int(f.get("train_tasks", 0))]
+           and t.pool not in extra][:int(f.get("train_tasks", 0))]
+  train += [t for t in tasks if t.role == "train" and t.pool in extra
+            ][:int(f.get("extra_train_tasks", 0))]
   return val + train
 
 
@@ -765,8 +771,7 @@ def run(cfg, *, deadline: float | None = None,
       "config": json.loads(cfg.to_json()),
       "store": str(path), "store_hash": extract.store_hash(cfg, pools, zoo),
       "pool_sha256": {n: extract.pool_hash(pools[n]) for n in
-                      list(cfg.pools.targets) + list(cfg.pools.train)
-                      + list(cfg.pools.val)},
+                      extract.task_pools(cfg)},
       "zoo": {n: {k: z[k] for k in ("config_hash",)} for n, z in zoo.items()},
       "seeds": {"pools": cfg.seed, "zoo": cfg.zoo.seed,
                 "tasks": cfg.tasks.seed, "val_tasks": cfg.tasks.seed + 1,

@@ -237,6 +237,54 @@ def test_finetuned_validation_and_training_tasks(tiny, tmp_path):
     open_or_build_store(t, tmp_path)
 
 
+def test_extra_training_pools_leave_the_other_tasks_unchanged(tiny):
+  """pools.extra_train / tasks.num_extra_train add training tasks after the
+  others, which keep their pools and rows (so their cached cells stay
+  valid); unused, the new fields change no cache key."""
+  cfg, _ = tiny
+  c = cfg.copy_and_resolve_references()
+  extra = "font_latin_lower_ranker_low_resolution"
+  with c.unlocked():
+    c.pools.extra_train = (extra,)
+    c.tasks.num_extra_train = 5
+    c.finetune.train_tasks = 2
+    c.finetune.extra_train_tasks = 3
+    c.finetune.val_tasks = True
+  pools = extract.build_pools(c)
+  base, more = extract.task_list(cfg, pools), extract.task_list(c, pools)
+  key = lambda t: (t.name, t.pool, t.role, None if t.rows is None
+                   else tuple(t.rows.tolist()))
+  before = [key(b) for b in base]
+  added = [t for t in more if key(t) not in set(before)]
+  assert [key(t) for t in more if key(t) in set(before)] == before
+  assert [t.name for t in added] == [f"train_{cfg.tasks.num_train + i:04d}"
+                                     for i in range(5)]
+  assert {t.pool for t in added} == {extra} and all(t.role == "train"
+                                                    for t in added)
+  tuned = groundtruth.finetuned_tasks(c, more)
+  names = lambda ts: [t.name for t in ts]
+  assert names(tuned) == (names(t for t in base if t.role == "val")
+                          + names(t for t in base if t.role == "train")[:2]
+                          + names(added)[:3])
+  # The new fields at their defaults leave store and probe keys as before.
+  zoo = extract.build_zoo(cfg, pools, log=lambda s: None)
+  old = cfg.copy_and_resolve_references()
+  with old.unlocked():
+    del old.pools["extra_train"], old.tasks["num_extra_train"]
+    del old.finetune["extra_train_tasks"]
+  assert extract.store_hash(old, pools, zoo) == extract.store_hash(
+      cfg, pools, zoo)
+  name = next(iter(zoo))
+  assert groundtruth.probe_key(old, pools, zoo, name) == groundtruth.probe_key(
+      cfg, pools, zoo, name)
+  assert extract.store_hash(c, pools, zoo) != extract.store_hash(
+      cfg, pools, zoo)
+  with c.unlocked():
+    c.pools.extra_train = ("font_latin_lower_ranker",)  # also in pools.train
+  with pytest.raises(ValueError, match="fix pools.extra_train"):
+    extract.task_list(c, pools)
+
+
 def test_committed_full_table_reproduces():
   """Recomputes committed full-benchmark cells of the cheapest PTM (mlp),
   training that zoo member first when the cache does not hold it."""

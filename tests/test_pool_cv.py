@@ -8,6 +8,7 @@ import sys
 import numpy as np
 
 from spider_jax import checkpoint, metrics
+from spider_jax.data.builders import related_pools
 from spider_jax.data.store import FeatureStore
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -53,3 +54,25 @@ def test_pool_cv_holds_out_each_pool(tmp_path):
   for pool, step in steps.items():
     assert checkpoint.read_meta(tmp_path / pool / "seed_0" /
                                 "checkpoints")[0] == step
+  # --hold_out: only the named pools are folds (reusing the cached one).
+  one = out["pools"][0]
+  subprocess.run(cmd + [f"--hold_out={one}"], cwd=REPO, capture_output=True,
+                 text=True, check=True)
+  only = json.loads((tmp_path / "pool_cv.json").read_text())
+  assert only["pools"] == [one]
+  assert only["spider"]["0"][one] == out["spider"]["0"][one]
+  bad = subprocess.run(cmd + ["--hold_out=no_such_pool"], cwd=REPO,
+                       capture_output=True, text=True)
+  assert bad.returncode != 0 and "no_such_pool" in bad.stderr
+
+
+def test_related_pools_are_held_out_together():
+  pools = ["font_arabic_ranker", "font_arabic_ranker_thick_strokes",
+           "font_latin_lower_ranker", "font_latin_lower_ranker_low_resolution",
+           "font_arabic_ranker_x"]
+  assert related_pools("font_arabic_ranker", pools) == [
+      "font_arabic_ranker", "font_arabic_ranker_thick_strokes"]
+  assert related_pools("font_latin_lower_ranker_low_resolution",
+                               pools) == [
+      "font_latin_lower_ranker", "font_latin_lower_ranker_low_resolution"]
+  assert related_pools("font_thai_ranker", pools) == []

@@ -590,6 +590,16 @@ def sample_training_tasks(pools: Mapping[str, Pool], num_tasks: int,
   return out
 
 
+def related_pools(pool: str, pools: Sequence[str]) -> list[str]:
+  """`pool` and those of `pools` that are degraded copies of it, or of which
+  it is one (`<pool>_<transform>`: the same classes and glyphs).
+
+  E.g. "font_arabic_ranker" -> [it, "font_arabic_ranker_thick_strokes"].
+  """
+  made = lambda a, b: any(a == f"{b}_{t}" for t in sources.TRANSFORMS)
+  return [q for q in pools if q == pool or made(q, pool) or made(pool, q)]
+
+
 def task_table(pools: Mapping[str, Pool]) -> list[dict]:
   """One row per pool: name, role, source, classes, sizes per split."""
   return [{"pool": p.name, "role": p.role, "source": p.source,

@@ -76,8 +76,7 @@ def _tqdm(*a, **k):
 def build_pools(cfg) -> dict[str, builders.Pool]:
   """The pools the config uses: pretrain sources, train, val and targets."""
   sources = sorted({n.split("@", 1)[1] for n in cfg.zoo.local})
-  want = (set(sources) | set(cfg.pools.train) | set(cfg.pools.val)
-          | set(cfg.pools.targets))
+  want = set(sources) | set(task_pools(cfg))
   specs = [s for s in builders.pool_specs(cfg.scale) if s.name in want]
   missing = want - {s.name for s in specs}
   if missing:
@@ -85,6 +84,22 @@ def build_pools(cfg) -> dict[str, builders.Pool]:
                      f"{[s.name for s in builders.pool_specs(1.0)]}")
   return builders.benchmark_pools(seed=cfg.seed, scale=cfg.scale,
                                   cache_dir=cfg.cache_dir, specs=specs)
+
+
+def task_pools(cfg) -> list[str]:
+  """Pools with tasks: targets, training, validation, extra training."""
+  return list(dict.fromkeys(
+      list(cfg.pools.targets) + list(cfg.pools.train) + list(cfg.pools.val)
+      + list(cfg.pools.get("extra_train", ()))))
+
+
+def tasks_key(cfg) -> dict:
+  """cfg.tasks for cache keys (without `num_extra_train` when it is 0, so
+  stores and probes built before that field existed keep their keys)."""
+  t = cfg.tasks.to_dict()
+  if not t.get("num_extra_train"):
+    t.pop("num_extra_train", None)
+  return t
 
 
 def pool_hash(pool: builders.Pool) -> str:
@@ -230,20 +245,22 @@ def features_and_probs(loaded: registry_lib.LoadedPTM
 def store_hash(cfg, pools: Mapping[str, builders.Pool],
                zoo: Mapping[str, dict]) -> str:
   """Content hash of everything the store's features and tasks depend on."""
-  used = list(cfg.pools.train) + list(cfg.pools.val) + list(cfg.pools.targets)
   key = {
-      "pools": {n: pool_hash(pools[n]) for n in used},
+      "pools": {n: pool_hash(pools[n]) for n in task_pools(cfg)},
       "zoo": {n: z["config_hash"] for n, z in zoo.items()},
       "efficientnet": list(cfg.zoo.efficientnet),
       "open_nsfw": bool(cfg.zoo.open_nsfw), "image_size": cfg.zoo.image_size,
-      "encoder": cfg.generic_encoder, "tasks": cfg.tasks.to_dict(),
+      "encoder": cfg.generic_encoder, "tasks": tasks_key(cfg),
       "v": CODE_VERSION}
   f = cfg.get("finetune")
-  if f is not None and (f.get("val_tasks") or f.get("train_tasks")):
+  if f is not None and (f.get("val_tasks") or f.get("train_tasks")
+                        or f.get("extra_train_tasks")):
     # Its ground truth differs from the probe-only store's (same features).
     key["finetuned_tasks"] = {"val": bool(f.val_tasks),
                               "train": int(f.train_tasks),
                               "pools": list(f.get("task_pools", ()))}
+    if f.get("extra_train_tasks"):
+      key["finetuned_tasks"]["extra_train"] = int(f.extra_train_tasks)
   return hash_json(key)[:12]
 
 
@@ -328,8 +345,7 @@ def extract_store(cfg, pools: Mapping[str, builders.Pool],
     encoder_shares_weights_with=[...]).
   """
   path = pathlib.Path(path)
-  names = list(dict.fromkeys(list(cfg.pools.targets) + list(cfg.pools.train)
-                             + list(cfg.pools.val)))
+  names = task_pools(cfg)
   # Finished pools are those in meta.json. The writer is opened (which
   # removes meta.json until it is closed again) only around each add_pool,
   # so a crash while a pool is being extracted loses only that pool.
@@ -431,7 +447,13 @@ class Task:
 
 
 def task_list(cfg, pools: Mapping[str, builders.Pool]) -> list[Task]:
-  """Targets (whole pools), then sampled training and validation tasks."""
+  """Targets (whole pools), then sampled training and validation tasks.
+
+  Training tasks: `tasks.num_train` from `pools.train` (seed tasks.seed),
+  then `tasks.num_extra_train` from `pools.extra_train` (seed tasks.seed +
+  2), so adding extra pools leaves every other task, and its cached cells,
+  as it was. Validation tasks: `tasks.num_val` from `pools.val`.
+  """
   t = cfg.tasks
   kw = dict(min_classes=t.min_classes, max_classes=t.max_classes,
             min_per_class=t.min_per_class, max_per_class=t.max_per_class)
@@ -441,6 +463,19 @@ def task_list(cfg, pools: Mapping[str, builders.Pool]) -> list[Task]:
   tr = builders.sample_training_tasks(train_pools, t.num_train, t.seed, **kw)
   out += [Task(f"train_{i:04d}", p, "train", r) for i, (p, r) in
           enumerate(tr)]
+  extra = list(cfg.pools.get("extra_train", ()))
+  if t.get("num_extra_train", 0):
+    overlap = set(extra) & (set(cfg.pools.train) | set(cfg.pools.val)
+                            | set(cfg.pools.targets))
+    if overlap or not extra:
+      raise ValueError(
+          f"tasks.num_extra_train={t.num_extra_train} needs pools.extra_train "
+          f"to name pools that are in no other pool list (got {extra}; "
+          f"also listed elsewhere: {sorted(overlap)}); fix pools.extra_train.")
+    ex = builders.sample_training_tasks({n: pools[n] for n in extra},
+                                        t.num_extra_train, t.seed + 2, **kw)
+    out += [Task(f"train_{len(tr) + i:04d}", p, "train", r)
+            for i, (p, r) in enumerate(ex)]
   if t.num_val:
     va = builders.sample_training_tasks(val_pools, t.num_val, t.seed + 1,
                                         **kw)
