@@ -23,8 +23,8 @@ the other way round). --hold_out limits the folds to some pools, e.g. the
 7 pools of the default store when extra pools are added to its training
 tasks:
 
-  python benchmarks/pool_cv.py --workdir=/tmp/cv_extra \
-      --config.bench.pools.extra_train=... \
+  python benchmarks/pool_cv.py --workdir=/tmp/cv_ext40 \
+      --config.store=<a store with extra training pools> \
       --hold_out=font_arabic_ranker,font_bengali_ranker,...
 """
 
