@@ -299,6 +299,8 @@ def _append_cell(path: pathlib.Path, row: Mapping[str, Any]) -> None:
 
 def probe_key(cfg, pools, zoo: Mapping[str, dict], name: str) -> str:
   """Cache key of PTM `name`'s linear-probe results on the config's tasks."""
+  # Not extract.task_pools: this order is part of the key (committed probe
+  # caches match it), so extra pools are appended at the end.
   used = (list(cfg.pools.train) + list(cfg.pools.val)
           + list(cfg.pools.targets) + list(cfg.pools.get("extra_train", ())))
   return extract.hash_json({

@@ -255,8 +255,9 @@ def test_extra_training_pools_leave_the_other_tasks_unchanged(tiny):
   key = lambda t: (t.name, t.pool, t.role, None if t.rows is None
                    else tuple(t.rows.tolist()))
   before = [key(b) for b in base]
-  added = [t for t in more if key(t) not in set(before)]
-  assert [key(t) for t in more if key(t) in set(before)] == before
+  seen = set(before)
+  added = [t for t in more if key(t) not in seen]
+  assert [key(t) for t in more if key(t) in seen] == before
   assert [t.name for t in added] == [f"train_{cfg.tasks.num_train + i:04d}"
                                      for i in range(5)]
   assert {t.pool for t in added} == {extra} and all(t.role == "train"
