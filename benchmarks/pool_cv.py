@@ -14,13 +14,15 @@ depth chosen on the validation tasks, or --k), next to the constant prior of
 the same training tasks and blends of the two (z(ranker) + w z(prior),
 --prior_weights). It prints mean weighted tau per pool and over all held-out
 tasks, per seed, and writes WORKDIR/pool_cv.json (pool_cv_k<K>.json with
---k). Fold runs are kept in WORKDIR/<pool>/seed_<s>, so a rerun only
+--k, pool_cv_related.json with --score_related). Fold runs are kept in WORKDIR/<pool>/seed_<s>, so a rerun only
 rescores. Targets are never read.
 
 A fold also leaves out the pools made from the held-out one (the same glyphs
 degraded, e.g. font_arabic_ranker_thick_strokes for font_arabic_ranker, and
-the other way round). --hold_out limits the folds to some pools, e.g. the
-7 pools of the default store when extra pools are added to its training
+the other way round); with --score_related it scores their training tasks
+too (so a ranker that has such pools and one that leaves them out are
+judged on the same tasks). --hold_out limits the folds to some pools, e.g.
+the 7 pools of the default store when extra pools are added to its training
 tasks:
 
   python benchmarks/pool_cv.py --workdir=/tmp/cv_ext40 \
@@ -56,12 +58,34 @@ flags.DEFINE_list("prior_weights", ["0", "0.5", "1", "2", "4"],
                   "standardised over the zoo; w = 0 is the ranker alone).")
 flags.DEFINE_list("hold_out", [], "Pools to hold out, one fold each; empty = "
                   "every pool of the training tasks.")
+flags.DEFINE_bool("score_related", False, "A fold also scores the training "
+                  "tasks of the held-out pool's degraded copies (which it "
+                  "leaves out of training either way).")
 
 
 def zscore(s: np.ndarray) -> np.ndarray:
   """[T, M] scores standardised per task over the M PTMs."""
   return (s - s.mean(1, keepdims=True)) / np.maximum(s.std(1, keepdims=True),
                                                      1e-12)
+
+
+def fold_tasks(pool: str, pool_of: dict[str, str], score_related: bool
+               ) -> tuple[list[str], tuple[str, ...]]:
+  """The tasks a fold scores and the other pools it leaves out.
+
+  Args:
+    pool: the held-out pool.
+    pool_of: training task name -> its pool (every training task of the
+      store, also those of pools the ranker leaves out).
+    score_related: also score the tasks of `pool`'s degraded copies.
+
+  Returns:
+    (task names, in `pool_of` order; the related pools, besides `pool`).
+  """
+  related = tuple(q for q in related_pools(pool, sorted(set(pool_of.values())))
+                  if q != pool)
+  scored = {pool, *related} if score_related else {pool}
+  return [n for n, p in pool_of.items() if p in scored], related
 
 
 def fold_scores(config, workdir: pathlib.Path, store, pool: str,
@@ -71,7 +95,7 @@ def fold_scores(config, workdir: pathlib.Path, store, pool: str,
   """Trains (or reuses) the fold ranker without `pool`; scores its tasks.
 
   Args:
-    names: the T training tasks of `pool`.
+    names: the T tasks to score (`fold_tasks`).
     also_exclude: more pools the fold ranker leaves out.
 
   Returns:
@@ -80,8 +104,9 @@ def fold_scores(config, workdir: pathlib.Path, store, pool: str,
   c = copy.deepcopy(config)
   c.store = str(store.path)
   c.seed = seed
-  c.exclude_pools = ",".join(p for p in (config.exclude_pools, pool,
-                                         *also_exclude) if p)
+  c.exclude_pools = ",".join(dict.fromkeys(
+      p.strip() for p in (*config.exclude_pools.split(","), pool,
+                          *also_exclude) if p.strip()))
   fold = workdir / pool / f"seed_{seed}"
   fold_store = open_or_build_store(c, fold)
   ranker = Ranker.load(resolve_checkpoint(c, fold, fold_store),
@@ -106,6 +131,10 @@ def main(argv):
   pool_of = {n: store.meta["tasks"][n]["pool"]
              for n in store.task_names("train")}
   every = sorted(set(pool_of.values()))
+  # Also the tasks of pools the ranker leaves out (config exclude_pools):
+  # their degraded copies are scored with --score_related.
+  every_train = {n: t["pool"] for n, t in store.meta["tasks"].items()
+                 if t["role"] == "train"}
   pools = sorted(flags.FLAGS.hold_out) or every
   if set(pools) - set(every):
     raise app.UsageError(f"--hold_out names pools without training tasks: "
@@ -115,10 +144,10 @@ def main(argv):
          "spider": {}, "prior": {}}
   for seed in seeds:
     for pool in pools:
-      names = [n for n, p in pool_of.items() if p == pool]
-      spider, prior = fold_scores(
-          config, workdir, store, pool, names, seed, flags.FLAGS.k,
-          tuple(q for q in related_pools(pool, every) if q != pool))
+      names, related = fold_tasks(pool, every_train,
+                                  flags.FLAGS.score_related)
+      spider, prior = fold_scores(config, workdir, store, pool, names, seed,
+                                  flags.FLAGS.k, related)
       blends = {f"spider+{w:g}*prior": zscore(spider) + w * zscore(prior)
                 for w in weights if w}
       for method, s in (("spider", spider), ("prior", prior),
@@ -152,8 +181,9 @@ def main(argv):
           f"   ({np.mean(v):.4f}, SE {se:.4f})")
   if jax.process_index() == 0:
     k = flags.FLAGS.k
-    atomic_write_json(workdir / ("pool_cv.json" if k < 0 else
-                                 f"pool_cv_k{k}.json"), out)
+    name = "pool_cv" + (f"_k{k}" if k >= 0 else "") + (
+        "_related" if flags.FLAGS.score_related else "")
+    atomic_write_json(workdir / f"{name}.json", out)
 
 
 if __name__ == "__main__":

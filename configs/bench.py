@@ -60,6 +60,10 @@ DEGRADED_POOLS = ("font_latin_lower_ranker_low_resolution",
                   "font_greek_lower_ranker_low_resolution",
                   "font_cyrillic_lower_ranker_thick_strokes",
                   "font_arabic_ranker_thick_strokes")
+# The validation pool degraded the same two ways: candidates for
+# pools.extra_val, so that validation tasks are as varied as the targets.
+DEGRADED_VAL_POOLS = ("font_tamil_ranker_low_resolution",
+                      "font_tamil_ranker_thick_strokes")
 SOURCES_FULL = ("fashion_0_4_pretrain", "animal_src_pretrain",
                 "font_latin_upper_pretrain", "font_cyrillic_upper_pretrain")
 
@@ -97,6 +101,9 @@ def get_config(variant: str = "full") -> ml_collections.ConfigDict:
   # (`tasks.num_extra_train` of them; adding some leaves every other task as
   # it was), e.g. DEGRADED_POOLS.
   c.pools.extra_train = ()
+  # The same for validation tasks (`tasks.num_extra_val`), e.g.
+  # DEGRADED_VAL_POOLS; `finetune.val_tasks` fine-tunes them too.
+  c.pools.extra_val = ()
 
   # --- Zoo.
   c.zoo = ml_collections.ConfigDict()
@@ -125,6 +132,7 @@ def get_config(variant: str = "full") -> ml_collections.ConfigDict:
   c.tasks.num_train = 300 if real else 20
   c.tasks.num_val = 48 if real else 4
   c.tasks.num_extra_train = 0      # tasks from pools.extra_train
+  c.tasks.num_extra_val = 0        # tasks from pools.extra_val
   c.tasks.seed = 0
   c.tasks.min_classes = 2
   c.tasks.max_classes = 20

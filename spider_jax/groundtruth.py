@@ -302,7 +302,8 @@ def probe_key(cfg, pools, zoo: Mapping[str, dict], name: str) -> str:
   # Not extract.task_pools: this order is part of the key (committed probe
   # caches match it), so extra pools are appended at the end.
   used = (list(cfg.pools.train) + list(cfg.pools.val)
-          + list(cfg.pools.targets) + list(cfg.pools.get("extra_train", ())))
+          + list(cfg.pools.targets) + list(cfg.pools.get("extra_train", ()))
+          + list(cfg.pools.get("extra_val", ())))
   return extract.hash_json({
       "pools": [(n, extract.pool_hash(pools[n])) for n in used],
       "ptm": zoo[name]["config_hash"] if name in zoo else name,
@@ -390,15 +391,16 @@ def finetuned_tasks(cfg, tasks: Sequence[extract.Task]
 
   Config `finetune.val_tasks` (every validation task) and
   `finetune.train_tasks` (the first N training tasks of `pools.train`),
-  both restricted to the pools of `finetune.task_pools` (() = every pool),
-  and `finetune.extra_train_tasks` (the first N training tasks of
-  `pools.extra_train`); validation first.
+  both restricted to the pools of `finetune.task_pools` (() = every pool;
+  the tasks of `pools.extra_val` are not), and `finetune.extra_train_tasks`
+  (the first N training tasks of `pools.extra_train`); validation first.
   """
   f = cfg.finetune
   pools = tuple(f.get("task_pools", ()))
   extra = set(cfg.pools.get("extra_train", ()))
+  extra_val = set(cfg.pools.get("extra_val", ()))
   ok = lambda t: not pools or t.pool in pools
-  val = [t for t in tasks if t.role == "val" and ok(t)
+  val = [t for t in tasks if t.role == "val" and (ok(t) or t.pool in extra_val)
          ] if f.get("val_tasks", False) else []
   train = [t for t in tasks if t.role == "train" and ok(t)
            and t.pool not in extra][:int(f.get("train_tasks", 0))]

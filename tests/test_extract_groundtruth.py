@@ -286,6 +286,44 @@ def test_extra_training_pools_leave_the_other_tasks_unchanged(tiny):
     extract.task_list(c, pools)
 
 
+
+def test_extra_validation_pools_leave_the_other_tasks_unchanged(tiny):
+  """pools.extra_val / tasks.num_extra_val add validation tasks after the
+  others, fine-tuned with them (whatever finetune.task_pools says)."""
+  cfg, _ = tiny
+  c = cfg.copy_and_resolve_references()
+  extra = "font_greek_lower_ranker_low_resolution"
+  with c.unlocked():
+    c.pools.extra_val = (extra,)
+    c.tasks.num_extra_val = 3
+    c.finetune.val_tasks = True
+    c.finetune.task_pools = tuple(cfg.pools.val)
+  pools = extract.build_pools(c)
+  base, more = extract.task_list(cfg, pools), extract.task_list(c, pools)
+  key = lambda t: (t.name, t.pool, t.role, None if t.rows is None
+                   else tuple(t.rows.tolist()))
+  assert [key(t) for t in more[:len(base)]] == [key(t) for t in base]
+  added = more[len(base):]
+  assert [(t.name, t.pool, t.role) for t in added] == [
+      (f"val_{cfg.tasks.num_val + i:03d}", extra, "val") for i in range(3)]
+  assert [t.name for t in groundtruth.finetuned_tasks(c, more)] == [
+      t.name for t in more if t.role == "val"]
+  zoo = extract.build_zoo(cfg, pools, log=lambda s: None)
+  old = cfg.copy_and_resolve_references()
+  with old.unlocked():
+    del old.pools["extra_val"], old.tasks["num_extra_val"]
+  assert extract.store_hash(old, pools, zoo) == extract.store_hash(
+      cfg, pools, zoo)
+  name = next(iter(zoo))
+  assert groundtruth.probe_key(old, pools, zoo, name) == groundtruth.probe_key(
+      cfg, pools, zoo, name)
+  assert extract.store_hash(c, pools, zoo) != extract.store_hash(
+      cfg, pools, zoo)
+  with c.unlocked():
+    c.pools.extra_val = tuple(cfg.pools.val)  # also in pools.val
+  with pytest.raises(ValueError, match="fix pools.extra_val"):
+    extract.task_list(c, pools)
+
 def test_committed_full_table_reproduces():
   """Recomputes committed full-benchmark cells of the cheapest PTM (mlp),
   training that zoo member first when the cache does not hold it."""

@@ -76,3 +76,15 @@ def test_related_pools_are_held_out_together():
                                pools) == [
       "font_latin_lower_ranker", "font_latin_lower_ranker_low_resolution"]
   assert related_pools("font_thai_ranker", pools) == []
+
+
+def test_fold_scores_degraded_copies_only_with_score_related():
+  sys.path.insert(0, str(REPO / "benchmarks"))
+  from pool_cv import fold_tasks  # pylint: disable=g-import-not-at-top
+  pool_of = {"t0": "font_arabic_ranker", "t1": "font_thai_ranker",
+             "t2": "font_arabic_ranker_thick_strokes", "t3": "font_arabic_ranker"}
+  assert fold_tasks("font_arabic_ranker", pool_of, False) == (
+      ["t0", "t3"], ("font_arabic_ranker_thick_strokes",))
+  assert fold_tasks("font_arabic_ranker", pool_of, True) == (
+      ["t0", "t2", "t3"], ("font_arabic_ranker_thick_strokes",))
+  assert fold_tasks("font_thai_ranker", pool_of, True) == (["t1"], ())

@@ -416,6 +416,8 @@ def pool_specs(scale: float = 1.0) -> list[PoolSpec]:
       font("greek_lower", "ranker", 60, "train", "low_resolution"),
       font("cyrillic_lower", "ranker", 50, "train", "thick_strokes"),
       font("arabic", "ranker", 50, "train", "thick_strokes"),
+      font("tamil", "ranker", 50, "train", "low_resolution"),
+      font("tamil", "ranker", 50, "train", "thick_strokes"),
       PoolSpec("fashion_0_4_ranker", "train", FASHION, (0, 1, 2, 3, 4),
                n(300), aux=1),
       PoolSpec("animal_src_ranker", "train", ANIMAL, ANIMAL_SOURCE_CLASSES,

@@ -87,18 +87,22 @@ def build_pools(cfg) -> dict[str, builders.Pool]:
 
 
 def task_pools(cfg) -> list[str]:
-  """Pools with tasks: targets, training, validation, extra training."""
+  """Pools with tasks: targets, training, validation, extra training and
+  extra validation."""
   return list(dict.fromkeys(
       list(cfg.pools.targets) + list(cfg.pools.train) + list(cfg.pools.val)
-      + list(cfg.pools.get("extra_train", ()))))
+      + list(cfg.pools.get("extra_train", ()))
+      + list(cfg.pools.get("extra_val", ()))))
 
 
 def tasks_key(cfg) -> dict:
-  """cfg.tasks for cache keys (without `num_extra_train` when it is 0, so
-  stores and probes built before that field existed keep their keys)."""
+  """cfg.tasks for cache keys (without `num_extra_train` / `num_extra_val`
+  when 0, so stores and probes built before those fields existed keep their
+  keys)."""
   t = cfg.tasks.to_dict()
-  if not t.get("num_extra_train"):
-    t.pop("num_extra_train", None)
+  for field in ("num_extra_train", "num_extra_val"):
+    if not t.get(field):
+      t.pop(field, None)
   return t
 
 
@@ -451,36 +455,45 @@ def task_list(cfg, pools: Mapping[str, builders.Pool]) -> list[Task]:
 
   Training tasks: `tasks.num_train` from `pools.train` (seed tasks.seed),
   then `tasks.num_extra_train` from `pools.extra_train` (seed tasks.seed +
-  2), so adding extra pools leaves every other task, and its cached cells,
-  as it was. Validation tasks: `tasks.num_val` from `pools.val`.
+  2). Validation tasks: `tasks.num_val` from `pools.val` (seed tasks.seed +
+  1), then `tasks.num_extra_val` from `pools.extra_val` (seed tasks.seed +
+  3). Extra tasks are drawn apart and numbered after the others, so adding
+  extra pools leaves every other task, and its cached cells, as it was.
   """
   t = cfg.tasks
   kw = dict(min_classes=t.min_classes, max_classes=t.max_classes,
             min_per_class=t.min_per_class, max_per_class=t.max_per_class)
-  train_pools = {n: pools[n] for n in cfg.pools.train}
-  val_pools = {n: pools[n] for n in cfg.pools.val}
   out = [Task(n, n, "target", None) for n in cfg.pools.targets]
-  tr = builders.sample_training_tasks(train_pools, t.num_train, t.seed, **kw)
-  out += [Task(f"train_{i:04d}", p, "train", r) for i, (p, r) in
-          enumerate(tr)]
-  extra = list(cfg.pools.get("extra_train", ()))
-  if t.get("num_extra_train", 0):
-    overlap = set(extra) & (set(cfg.pools.train) | set(cfg.pools.val)
-                            | set(cfg.pools.targets))
-    if overlap or not extra:
-      raise ValueError(
-          f"tasks.num_extra_train={t.num_extra_train} needs pools.extra_train "
-          f"to name pools that are in no other pool list (got {extra}; "
-          f"also listed elsewhere: {sorted(overlap)}); fix pools.extra_train.")
-    ex = builders.sample_training_tasks({n: pools[n] for n in extra},
-                                        t.num_extra_train, t.seed + 2, **kw)
-    out += [Task(f"train_{len(tr) + i:04d}", p, "train", r)
-            for i, (p, r) in enumerate(ex)]
-  if t.num_val:
-    va = builders.sample_training_tasks(val_pools, t.num_val, t.seed + 1,
-                                        **kw)
-    out += [Task(f"val_{i:03d}", p, "val", r) for i, (p, r) in enumerate(va)]
+  for role, seed in (("train", t.seed), ("val", t.seed + 1)):
+    num = t.num_train if role == "train" else t.num_val
+    base = builders.sample_training_tasks(
+        {n: pools[n] for n in cfg.pools[role]}, num, seed, **kw) if num else []
+    extra = _extra_tasks(cfg, pools, role, kw)
+    width = 4 if role == "train" else 3
+    out += [Task(f"{role}_{i:0{width}d}", p, role, r)
+            for i, (p, r) in enumerate(base + extra)]
   return out
+
+
+def _extra_tasks(cfg, pools, role: str, kw) -> list[tuple[str, np.ndarray]]:
+  """(pool, rows) of the `tasks.num_extra_<role>` tasks of
+  `pools.extra_<role>` (role "train": seed tasks.seed + 2; "val": + 3)."""
+  num = int(cfg.tasks.get(f"num_extra_{role}", 0))
+  if not num:
+    return []
+  field = f"pools.extra_{role}"
+  extra = list(cfg.pools.get(f"extra_{role}", ()))
+  other = [p for f in ("train", "val", "targets", "extra_train", "extra_val")
+           if f"pools.{f}" != field for p in cfg.pools.get(f, ())]
+  overlap = set(extra) & set(other)
+  if overlap or not extra:
+    raise ValueError(
+        f"tasks.num_extra_{role}={num} needs {field} to name pools that are "
+        f"in no other pool list (got {extra}; also listed elsewhere: "
+        f"{sorted(overlap)}); fix {field}.")
+  return builders.sample_training_tasks(
+      {n: pools[n] for n in extra}, num,
+      cfg.tasks.seed + (2 if role == "train" else 3), **kw)
 
 
 def add_tasks(writer: store_lib.StoreWriter, tasks: Sequence[Task],
