@@ -69,6 +69,14 @@ def zscore(s: np.ndarray) -> np.ndarray:
                                                      1e-12)
 
 
+def training_tasks(store) -> dict[str, str]:
+  """{task: pool} of the view's training tasks, also those of the pools it
+  leaves out (their degraded copies are scored with --score_related); tasks
+  it hides one by one (e.g. without fine-tuned ground truth) stay out."""
+  return {n: t["pool"] for n, t in store.meta["tasks"].items()
+          if t["role"] == "train" and n not in store.exclude_tasks}
+
+
 def fold_tasks(pool: str, pool_of: dict[str, str], score_related: bool
                ) -> tuple[list[str], tuple[str, ...]]:
   """The tasks a fold scores and the other pools it leaves out.
@@ -131,10 +139,7 @@ def main(argv):
   pool_of = {n: store.meta["tasks"][n]["pool"]
              for n in store.task_names("train")}
   every = sorted(set(pool_of.values()))
-  # Also the tasks of pools the ranker leaves out (config exclude_pools):
-  # their degraded copies are scored with --score_related.
-  every_train = {n: t["pool"] for n, t in store.meta["tasks"].items()
-                 if t["role"] == "train"}
+  every_train = training_tasks(store)
   pools = sorted(flags.FLAGS.hold_out) or every
   if set(pools) - set(every):
     raise app.UsageError(f"--hold_out names pools without training tasks: "

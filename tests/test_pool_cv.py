@@ -12,6 +12,8 @@ from spider_jax.data.builders import related_pools
 from spider_jax.data.store import FeatureStore
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+from pool_cv import fold_tasks, training_tasks  # noqa: E402  pylint: disable=g-import-not-at-top
 
 
 def test_pool_cv_holds_out_each_pool(tmp_path):
@@ -61,6 +63,13 @@ def test_pool_cv_holds_out_each_pool(tmp_path):
   only = json.loads((tmp_path / "pool_cv.json").read_text())
   assert only["pools"] == [one]
   assert only["spider"]["0"][one] == out["spider"]["0"][one]
+  # The pools a view leaves out still count for --score_related; the
+  # tasks it hides one by one do not.
+  view = FeatureStore(tmp_path / "store", exclude_pools=[one],
+                      exclude_tasks=[train[-1]])
+  pool_of = {n: store.meta["tasks"][n]["pool"] for n in train}
+  assert training_tasks(view) == {n: p for n, p in pool_of.items()
+                                  if n != train[-1]}
   bad = subprocess.run(cmd + ["--hold_out=no_such_pool"], cwd=REPO,
                        capture_output=True, text=True)
   assert bad.returncode != 0 and "no_such_pool" in bad.stderr
@@ -79,8 +88,6 @@ def test_related_pools_are_held_out_together():
 
 
 def test_fold_scores_degraded_copies_only_with_score_related():
-  sys.path.insert(0, str(REPO / "benchmarks"))
-  from pool_cv import fold_tasks  # pylint: disable=g-import-not-at-top
   pool_of = {"t0": "font_arabic_ranker", "t1": "font_thai_ranker",
              "t2": "font_arabic_ranker_thick_strokes", "t3": "font_arabic_ranker"}
   assert fold_tasks("font_arabic_ranker", pool_of, False) == (
