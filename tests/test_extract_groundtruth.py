@@ -267,24 +267,30 @@ def test_extra_training_pools_leave_the_other_tasks_unchanged(tiny):
   assert names(tuned) == (names(t for t in base if t.role == "val")
                           + names(t for t in base if t.role == "train")[:2]
                           + names(added)[:3])
-  # The new fields at their defaults leave store and probe keys as before.
-  zoo = extract.build_zoo(cfg, pools, log=lambda s: None)
-  old = cfg.copy_and_resolve_references()
-  with old.unlocked():
-    del old.pools["extra_train"], old.tasks["num_extra_train"]
-    del old.finetune["extra_train_tasks"]
-  assert extract.store_hash(old, pools, zoo) == extract.store_hash(
-      cfg, pools, zoo)
-  name = next(iter(zoo))
-  assert groundtruth.probe_key(old, pools, zoo, name) == groundtruth.probe_key(
-      cfg, pools, zoo, name)
-  assert extract.store_hash(c, pools, zoo) != extract.store_hash(
-      cfg, pools, zoo)
+  _check_keys(cfg, c, pools, [("pools", "extra_train"),
+                              ("tasks", "num_extra_train"),
+                              ("finetune", "extra_train_tasks")])
   with c.unlocked():
     c.pools.extra_train = ("font_latin_lower_ranker",)  # also in pools.train
   with pytest.raises(ValueError, match="fix pools.extra_train"):
     extract.task_list(c, pools)
 
+
+def _check_keys(cfg, changed, pools, fields):
+  """New config `fields` ((section, key)) at their defaults leave the store
+  and probe keys of `cfg` as they were without them; `changed` has others."""
+  zoo = extract.build_zoo(cfg, pools, log=lambda s: None)
+  old = cfg.copy_and_resolve_references()
+  with old.unlocked():
+    for section, key in fields:
+      del old[section][key]
+  assert extract.store_hash(old, pools, zoo) == extract.store_hash(
+      cfg, pools, zoo)
+  name = next(iter(zoo))
+  assert groundtruth.probe_key(old, pools, zoo, name) == groundtruth.probe_key(
+      cfg, pools, zoo, name)
+  assert extract.store_hash(changed, pools, zoo) != extract.store_hash(
+      cfg, pools, zoo)
 
 
 def test_extra_validation_pools_leave_the_other_tasks_unchanged(tiny):
@@ -308,21 +314,13 @@ def test_extra_validation_pools_leave_the_other_tasks_unchanged(tiny):
       (f"val_{cfg.tasks.num_val + i:03d}", extra, "val") for i in range(3)]
   assert [t.name for t in groundtruth.finetuned_tasks(c, more)] == [
       t.name for t in more if t.role == "val"]
-  zoo = extract.build_zoo(cfg, pools, log=lambda s: None)
-  old = cfg.copy_and_resolve_references()
-  with old.unlocked():
-    del old.pools["extra_val"], old.tasks["num_extra_val"]
-  assert extract.store_hash(old, pools, zoo) == extract.store_hash(
-      cfg, pools, zoo)
-  name = next(iter(zoo))
-  assert groundtruth.probe_key(old, pools, zoo, name) == groundtruth.probe_key(
-      cfg, pools, zoo, name)
-  assert extract.store_hash(c, pools, zoo) != extract.store_hash(
-      cfg, pools, zoo)
+  _check_keys(cfg, c, pools, [("pools", "extra_val"),
+                              ("tasks", "num_extra_val")])
   with c.unlocked():
     c.pools.extra_val = tuple(cfg.pools.val)  # also in pools.val
   with pytest.raises(ValueError, match="fix pools.extra_val"):
     extract.task_list(c, pools)
+
 
 def test_committed_full_table_reproduces():
   """Recomputes committed full-benchmark cells of the cheapest PTM (mlp),
