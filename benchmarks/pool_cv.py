@@ -14,8 +14,8 @@ depth chosen on the validation tasks, or --k), next to the constant prior of
 the same training tasks and blends of the two (z(ranker) + w z(prior),
 --prior_weights). It prints mean weighted tau per pool and over all held-out
 tasks, per seed, and writes WORKDIR/pool_cv.json (pool_cv_k<K>.json with
---k, pool_cv_related.json with --score_related). Fold runs are kept in WORKDIR/<pool>/seed_<s>, so a rerun only
-rescores. Targets are never read.
+--k, pool_cv_related.json with --score_related). Fold runs are kept in
+WORKDIR/<pool>/seed_<s>, so a rerun only rescores. Targets are never read.
 
 A fold also leaves out the pools made from the held-out one (the same glyphs
 degraded, e.g. font_arabic_ranker_thick_strokes for font_arabic_ranker, and
