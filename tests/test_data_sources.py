@@ -5,6 +5,7 @@ import glob
 import json
 import os
 import pickle
+import tempfile
 
 import numpy as np
 import pytest
@@ -233,6 +234,17 @@ def test_cache_deterministic_and_hit(tmp_path, all_fonts):
   d = builders.load_source(spec, seed=2, cache_dir=tmp_path / "a",
                            font_list=all_fonts)
   assert d.manifest["rebuilt"] and d.manifest["sha256"] != a.manifest["sha256"]
+
+
+def test_build_leaves_nothing_in_the_temp_dir(tmp_path, all_fonts,
+                                             monkeypatch):
+  scratch = tmp_path / "system_tmp"
+  scratch.mkdir()
+  monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+  src = builders.load_source(_small_font_spec(), cache_dir=tmp_path / "c",
+                             font_list=all_fonts)
+  assert src.manifest["rebuilt"]
+  assert not list(scratch.iterdir())
 
 
 def test_corrupt_cache_entry_rebuilt(tmp_path, all_fonts):

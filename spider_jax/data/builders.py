@@ -176,6 +176,14 @@ def _make_builder_cls(name: str, data: tuple[np.ndarray, ...],
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   images, labels, aux = data
 
+  class _LocalInfo(tfds.core.DatasetInfo):
+    """DatasetInfo of a dataset built here: nothing to fetch from GCS."""
+
+    def initialize_from_bucket(self) -> None:
+      # TFDS's version makes an empty `tmp*tfds` dir in the system temp dir
+      # for every new builder, and never removes it.
+      pass
+
   with tfds.core.registered.skip_registration():
 
     class _Builder(tfds.core.GeneratorBasedBuilder):
@@ -183,7 +191,7 @@ def _make_builder_cls(name: str, data: tuple[np.ndarray, ...],
       VERSION = tfds.core.Version("1.0.0")
 
       def _info(self):
-        return tfds.core.DatasetInfo(
+        return _LocalInfo(
             builder=self,
             description=f"spider_jax offline source {name}",
             features=tfds.features.FeaturesDict({
