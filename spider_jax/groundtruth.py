@@ -695,11 +695,11 @@ def run(cfg, *, deadline: float | None = None,
   _write_wide(results / "linear_probe_tasks.csv", train_val, ptms,
               lambda t, m: lp[t][m], corner="task")
 
-  # Interim store: linear probe everywhere.
-  w = extract.open_writer(path, cfg, reg, _gt_meta(
-      cfg, reg, "linear_probe (fine-tune pending)"))
-  w.set_ground_truth(lp)
-  w.close()
+  # Interim store, linear probe everywhere, while fine-tuning runs; only
+  # for new tasks: a store that has a fine-tune ground truth keeps it.
+  if fs.meta["ground_truth"]["status"] == "pending":
+    _write_ground_truth(path, cfg, reg, _gt_meta(
+        cfg, reg, "linear_probe (fine-tune pending)"), lp)
 
   # --- Fine-tuning of targets.
   t0 = time.perf_counter()
@@ -743,10 +743,9 @@ def run(cfg, *, deadline: float | None = None,
   if pending:
     status += (f"; {len(pending)} of {len(extra)} validation/training tasks "
                "to fine-tune still pending (linear probe until then)")
-  w = extract.open_writer(path, cfg, reg, _gt_meta(
-      cfg, reg, status, source=source, finetuned=list(ft_tasks)))
-  w.set_ground_truth({**gt_t, **gt_tasks})
-  fs = w.close()
+  fs = _write_ground_truth(path, cfg, reg, _gt_meta(
+      cfg, reg, status, source=source, finetuned=list(ft_tasks)),
+                           {**lp, **gt_t, **gt_tasks})
   times["finetune_s_total_cells"] = float(sum(ft_secs.values()))
 
   summ = summarize(gt_t, {t: lp[t] for t in targets},
@@ -786,6 +785,26 @@ def run(cfg, *, deadline: float | None = None,
       "jax_version": jax.__version__,
   })
   return summary
+
+
+def _write_ground_truth(path: pathlib.Path, cfg, reg, meta: dict,
+                        gt: Mapping[str, Mapping[str, float]]
+                        ) -> store_lib.FeatureStore:
+  """Writes `meta` (`_gt_meta`) and the ground truth `gt` ({task: {PTM:
+  accuracy}}, every task) into the store at `path`, unless it holds exactly
+  them already: a cached rerun leaves a shared store untouched (a rewrite
+  hides its meta.json from other readers for a moment)."""
+  fs = store_lib.FeatureStore(path)
+  old = fs.ground_truth()
+  if (set(old.tasks) == set(gt)
+      and all(fs.meta.get(k) == json.loads(json.dumps(v))
+              for k, v in meta.items())
+      and np.array_equal(old.values, [[gt[t][m] for m in old.models]
+                                      for t in old.tasks], equal_nan=True)):
+    return fs
+  w = extract.open_writer(path, cfg, reg, meta)
+  w.set_ground_truth(gt)
+  return w.close()
 
 
 def _gt_meta(cfg, reg, status: str, source=None,

@@ -96,10 +96,13 @@ def test_resumable(tiny):
   n_cells = len(cells.read_text().splitlines())
   before = FeatureStore(path).task("fashion_5_9").ptm_features(
       "mlp@fashion_0_4")
-  # A second full run skips everything.
+  files = sorted((p, p.stat().st_mtime_ns) for p in path.rglob("*"))
+  # A second full run skips everything and leaves the store untouched.
   again = groundtruth.run(cfg, log=lambda s: None)
   assert again["extract"]["skipped"] and not again["extract"].get("extracted")
   assert len(cells.read_text().splitlines()) == n_cells
+  assert sorted((p, p.stat().st_mtime_ns) for p in path.rglob("*")) == files
+  assert again["ground_truth_status"] == summary["ground_truth_status"]
   # A run interrupted after some pools redoes only the missing pool.
   meta = json.loads((path / "meta.json").read_text())
   meta["pools"].pop("fashion_5_9")
@@ -399,34 +402,32 @@ def run_cli_on_two_processes(argv: list[str]) -> list[str]:
   return out
 
 
-def test_groundtruth_cli_on_two_processes(tiny, tmp_path):
-  """`python -m spider_jax.groundtruth` on 2 processes builds the `:tiny`
-  benchmark from an empty cache; process 0 alone prints the summary, and
-  the store equals the one-process build."""
+def test_groundtruth_then_rank_cli_on_two_processes(tiny, tmp_path):
+  """`python -m spider_jax.groundtruth` on 2 processes (jax.distributed on
+  localhost) builds the `:tiny` benchmark from an empty cache; process 0
+  alone prints the summary, and the store equals the one-process build.
+  `python -m spider_jax.rank` on 2 processes then reuses that store, trains
+  and ranks; process 0 writes the report. (One test: building the store
+  again inside `rank` would repeat the same `groundtruth.run`.)"""
   cfg, summary = tiny
+  cache = tmp_path / "cache"
   out = run_cli_on_two_processes([
       sys.executable, "-m", "spider_jax.groundtruth",
-      "--config=configs/bench.py:tiny",
-      f"--config.cache_dir={tmp_path / 'cache'}",
+      "--config=configs/bench.py:tiny", f"--config.cache_dir={cache}",
       f"--config.results_dir={tmp_path / 'results'}",
       f"--config.ground_truth_from={cfg.results_dir}"])
   printed = json.loads(out[0][out[0].index("\n{") + 1:])
   assert printed["ground_truth_status"] == summary["ground_truth_status"]
   assert "ground_truth_status" not in out[1]   # Only gloo's connect line.
-  stores = list((tmp_path / "cache" / "stores").iterdir())
+  stores = list((cache / "stores").iterdir())
   assert [p.name for p in stores] == [pathlib.Path(summary["store"]).name]
   assert_same_store(stores[0], summary["store"])
+  store_files = sorted((p.name, p.stat().st_mtime_ns)
+                       for p in stores[0].rglob("*"))
 
-
-def test_rank_tiny_on_two_processes(tiny, tmp_path):
-  """`python -m spider_jax.rank` on 2 processes (jax.distributed on
-  localhost) builds the `:tiny` benchmark together from an empty cache,
-  trains and ranks; process 0 writes the report."""
-  cfg, _ = tiny
   run_cli_on_two_processes([
       sys.executable, "-m", "spider_jax.rank",
-      "--config=configs/rank.py:tiny",
-      f"--config.bench.cache_dir={tmp_path / 'cache'}",
+      "--config=configs/rank.py:tiny", f"--config.bench.cache_dir={cache}",
       f"--config.bench.ground_truth_from={cfg.results_dir}",
       "--config.rank.methods=spider,prior,nce",
       "--config.rank.plots=False", f"--workdir={tmp_path / 'run'}"])
@@ -436,7 +437,9 @@ def test_rank_tiny_on_two_processes(tiny, tmp_path):
   assert report["ground_truth_status"] == "complete"
   for m in report["methods"]:
     assert np.isfinite(report["mean"][m]["weighted_tau"]), m
-  assert len(list((tmp_path / "cache" / "stores").iterdir())) == 1
+  assert list((cache / "stores").iterdir()) == stores  # Reused, unchanged.
+  assert sorted((p.name, p.stat().st_mtime_ns)
+                for p in stores[0].rglob("*")) == store_files
 
 
 def test_rank_tiny_end_to_end(tiny, tmp_path):
