@@ -696,8 +696,9 @@ def run(cfg, *, deadline: float | None = None,
               lambda t, m: lp[t][m], corner="task")
 
   # Interim store, linear probe everywhere, while fine-tuning runs; only
-  # for new tasks: a store that has a fine-tune ground truth keeps it.
-  if fs.meta["ground_truth"]["status"] == "pending":
+  # for new tasks: a store that has a fine-tune ground truth keeps it. (A
+  # store that extraction reopened, e.g. to add a pool, has no status.)
+  if fs.meta.get("ground_truth", {}).get("status", "pending") == "pending":
     _write_ground_truth(path, cfg, reg, _gt_meta(
         cfg, reg, "linear_probe (fine-tune pending)"), lp)
 
