@@ -3,7 +3,8 @@
 `score` is the pure function; `Scorer` jit-compiles it once per padding
 bucket, splits task batches over the devices of a mesh and gathers the
 scores; `score_tasks` runs the two-stage Model Spider inference (generic
-tokens for all PTMs, then the top-k PTMs' own tokens).
+tokens for all PTMs, then the top-k PTMs' own tokens), and `score_depths`
+runs it at several depths k at once (as validation does).
 """
 
 from __future__ import annotations
@@ -157,9 +158,30 @@ def score_tasks(scorer: Scorer, tasks: Sequence[TaskData], zoo: ZooInfo, *,
   Returns:
     [T, M] float32 scores.
   """
+  return score_depths(scorer, tasks, zoo, [k])[0]
+
+
+def score_depths(scorer: Scorer, tasks: Sequence[TaskData], zoo: ZooInfo,
+                 depths: Sequence[int]) -> np.ndarray:
+  """`score_tasks` at several re-ranking depths, sharing the work.
+
+  Stage 1 runs once, and the re-ranking slots of the deepest depth are
+  built once (each task's top-K PTMs, K = max(depths)); a shallower depth
+  k switches off the slots past k. So every depth > 0 runs the same shapes:
+  one compile per bucket for all of them, where `score_tasks` compiles
+  once per (bucket, k). Scores agree with `score_tasks` to float rounding.
+
+  Args:
+    scorer, tasks, zoo: as for `score_tasks`.
+    depths: D re-ranking depths (0 = generic tokens only).
+
+  Returns:
+    [D, T, M] float32 scores, in the order of `depths`.
+  """
   m = len(zoo.ptm_names)
-  k = min(k, m)
-  out = np.zeros((len(tasks), m), np.float32)
+  depths = [min(k, m) for k in depths]
+  deepest = max(depths, default=0)
+  out = np.zeros((len(depths), len(tasks), m), np.float32)
   bs = scorer.batch_size
   for bucket, idx in _groups(tasks, bs):
     group = [tasks[i] for i in idx] + [None] * (bs - len(idx))
@@ -167,13 +189,18 @@ def score_tasks(scorer: Scorer, tasks: Sequence[TaskData], zoo: ZooInfo, *,
     batch = generic_arrays(group, rows, bucket, zoo.generic_dim,
                            zoo.task_token)
     del batch["weight"]
-    scores = scorer(batch)
-    if k:
-      top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    base = scorer(batch)
+    if deepest:
+      top = np.argsort(-base, axis=1, kind="stable")[:, :deepest]
       top[len(idx):] = -1
-      batch.update(slot_arrays(group, top, zoo.ptm_names, zoo.ptm_dims, rows,
-                               bucket))
-      scores = scorer(batch)
-    out[idx] = scores[:len(idx)]
+      slots = slot_arrays(group, top, zoo.ptm_names, zoo.ptm_dims, rows,
+                          bucket)
+    for d, k in enumerate(depths):
+      scores = base
+      if k:
+        on = np.arange(deepest) < k                            # [K]
+        scores = scorer({**batch, "h": slots["h"],
+                         "h_mask": slots["h_mask"] & on[None, :, None],
+                         "ptm": np.where(on[None, :], slots["ptm"], 0)})
+      out[d, idx] = scores[:len(idx)]
   return out
-

@@ -34,7 +34,7 @@ from spider_jax.losses import (loss_denominator, plackett_luce_loss,
                                plackett_luce_terms)
 from spider_jax.model import FitnessTransformer, ModelConfig
 from spider_jax.scoring import (Scorer, ZooInfo, batch_slots,
-                                score_tasks, split_chunks)
+                                score_depths, split_chunks)
 
 
 def open_or_build_store(config: ml_collections.ConfigDict,
@@ -307,8 +307,9 @@ def validate(scorer: Scorer, store: FeatureStore, k_max: int,
   tasks = [store.task(n) for n in names]
   gt = np.stack([store.ground_truth().row(n, store.ptm_names) for n in names])
   zoo = zoo_of(store, task_token)
-  per_k = [mean_weighted_tau(score_tasks(scorer, tasks, zoo, k=k), gt)
-           for k in range(min(k_max, len(store.ptms)) + 1)]
+  depths = range(min(k_max, len(store.ptms)) + 1)
+  per_k = [mean_weighted_tau(scores, gt)
+           for scores in score_depths(scorer, tasks, zoo, depths)]
   best_k = int(np.argmax(per_k))
   return {"per_k": per_k, "best_k": best_k, "best": per_k[best_k]}
 

@@ -12,7 +12,7 @@ from flax import nnx
 from spider_jax import checkpoint, rank as rank_lib
 from spider_jax.data.synthetic import SyntheticSpec, write_synthetic_store
 from spider_jax.ranker import Ranker
-from spider_jax.scoring import Scorer, score_tasks
+from spider_jax.scoring import Scorer, score_depths, score_tasks
 from spider_jax.train import train
 
 from conftest import latest_params
@@ -151,6 +151,30 @@ def test_one_compile_per_bucket(small_store):
   assert scorer.trace_count == len(buckets)
   score_tasks(scorer, tasks, zoo, k=2)
   assert scorer.trace_count == 2 * len(buckets)
+
+
+def test_score_depths_matches_score_tasks_with_one_compile_per_bucket(
+    small_store):
+  """Validation's shared pass over depths gives score_tasks' scores at each
+  depth, with one compile per bucket for all depths > 0 (not per depth)."""
+  from spider_jax.train import build_model, zoo_of
+  from configs import train as train_config
+  cfg = train_config.get_config("tiny")
+  zoo = zoo_of(small_store)
+  graphdef, params = nnx.split(build_model(cfg, zoo, 0))
+  tasks = [small_store.task(n) for n in small_store.task_names()]
+  buckets = {max(8, t.num_classes) > 8 for t in tasks}
+  depths = [0, 1, 2, 3]
+  scorer = Scorer(graphdef, params, batch_size=4)
+  got = score_depths(scorer, tasks, zoo, depths)
+  assert got.shape == (len(depths), len(tasks), len(zoo.ptm_names))
+  assert scorer.trace_count == 2 * len(buckets)  # Stage 1 + all depths > 0.
+  for k, scores in zip(depths, got):
+    want = score_tasks(Scorer(graphdef, params, batch_size=4), tasks, zoo,
+                       k=k)
+    np.testing.assert_allclose(scores, want, rtol=0, atol=1e-5)
+  for shallow, deep in zip(got, got[1:]):  # Each depth re-ranks more.
+    assert np.abs(shallow - deep).max() > 1e-4
 
 
 def test_unknown_config_key_is_an_error(tmp_path):
