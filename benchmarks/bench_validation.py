@@ -38,11 +38,9 @@ def main(argv):
   store = train_lib.open_or_build_store(config,
                                         pathlib.Path(flags.FLAGS.workdir))
   zoo = train_lib.zoo_of(store, config.model.task_token)
-  names = store.task_names("val")
-  if not names:
+  if not store.task_names("val"):
     raise SystemExit(f"store {store.path} has no validation tasks.")
-  tasks = [store.task(n) for n in names]
-  gt = np.stack([store.ground_truth().row(n, store.ptm_names) for n in names])
+  tasks, gt = train_lib.validation_tasks(store)
   depths = list(range(min(config.k_max, len(store.ptms)) + 1))
   graphdef, params = nnx.split(train_lib.build_model(config, zoo, 0))
 

@@ -293,6 +293,14 @@ def mean_weighted_tau(scores: np.ndarray, gt_rows: np.ndarray) -> float:
                         for g, s in zip(gt_rows, scores)]))
 
 
+def validation_tasks(store: FeatureStore) -> tuple[list, np.ndarray]:
+  """The store's T >= 1 "val" tasks and their [T, M] ground truth."""
+  names = store.task_names("val")
+  gt = store.ground_truth()
+  return ([store.task(n) for n in names],
+          np.stack([gt.row(n, store.ptm_names) for n in names]))
+
+
 def validate(scorer: Scorer, store: FeatureStore, k_max: int,
              task_token: str = "prototype") -> dict:
   """Mean weighted tau on the "val" tasks for k = 0..k_max.
@@ -301,11 +309,9 @@ def validate(scorer: Scorer, store: FeatureStore, k_max: int,
     {"per_k": [tau at k=0, ...], "best_k": int, "best": float}; empty
     dict when the store has no validation tasks.
   """
-  names = store.task_names("val")
-  if not names:
+  if not store.task_names("val"):
     return {}
-  tasks = [store.task(n) for n in names]
-  gt = np.stack([store.ground_truth().row(n, store.ptm_names) for n in names])
+  tasks, gt = validation_tasks(store)
   zoo = zoo_of(store, task_token)
   depths = range(min(k_max, len(store.ptms)) + 1)
   per_k = [mean_weighted_tau(scores, gt)
