@@ -120,7 +120,7 @@ def fold_scores(config, workdir: pathlib.Path, store, pool: str,
   ranker = Ranker.load(resolve_checkpoint(c, fold, fold_store),
                        batch_size=c.eval_batch_size)
   checkpoint.check_zoo(ranker.meta, store.ptm_names, store.ptm_dims,
-                       store.encoder_dim)
+                       store.encoder_dim, store.encoder_name)
   scores = score_tasks(ranker.scorer, [store.task(n) for n in names],
                        ranker.zoo, k=int(ranker.meta.get("rerank_k", 0))
                        if k < 0 else k)

@@ -141,8 +141,13 @@ def restore_params(directory, abstract_params, step: int, sharding=None):
 
 
 def check_zoo(meta: dict, ptm_names: Sequence[str],
-              ptm_dims: Sequence[int], generic_dim: int) -> None:
-  """Raises CheckpointError naming the difference if the zoos differ."""
+              ptm_dims: Sequence[int], generic_dim: int,
+              encoder: str = "") -> None:
+  """Raises CheckpointError naming the difference if the zoos differ.
+
+  `encoder` (the generic encoder's name; "" = not checked) must match the
+  checkpoint's, when it records one.
+  """
   ck_names, names = list(meta["ptm_names"]), list(ptm_names)
   if ck_names != names:
     missing = [n for n in ck_names if n not in names]
@@ -162,3 +167,9 @@ def check_zoo(meta: dict, ptm_names: Sequence[str],
     raise CheckpointError(
         f"generic encoder dim differs: checkpoint {meta['generic_dim']}, "
         f"store {generic_dim} (encoder {meta.get('encoder')!r}).")
+  if encoder and meta.get("encoder") and meta["encoder"] != encoder:
+    raise CheckpointError(
+        f"the checkpoint's task tokens come from generic encoder "
+        f"{meta['encoder']!r}, but this run's come from {encoder!r}. Set "
+        f"--config.encoder={meta['encoder']} (a PTM of the store, or \"\" "
+        "for the store's own encoder), or train a ranker for this encoder.")

@@ -115,7 +115,7 @@ def rank(config, workdir) -> dict:
             if ckpt is not None else None)
   if ranker is not None:
     checkpoint.check_zoo(ranker.meta, store.ptm_names, store.ptm_dims,
-                         store.encoder_dim)
+                         store.encoder_dim, store.encoder_name)
   role = config.rank.tasks
   names = store.task_names(None if role == "all" else role)
   if not names:

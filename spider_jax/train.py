@@ -61,6 +61,7 @@ def open_or_build_store(config: ml_collections.ConfigDict,
   exclude = [p.strip() for p in config.exclude_pools.split(",") if p.strip()]
   whole = FeatureStore(path)
   return FeatureStore(path, ptms=select_ptms(whole, config.ptms),
+                      generic_from=config.encoder,
                       exclude_pools=exclude,
                       exclude_tasks=tasks_to_hide(whole, config.ground_truth))
 
@@ -395,7 +396,8 @@ def train(config: ml_collections.ConfigDict, workdir,
                                         abstract(train_state))
     if restored is not None:
       params, train_state, meta = restored
-      checkpoint.check_zoo(meta, zoo.ptm_names, zoo.ptm_dims, zoo.generic_dim)
+      checkpoint.check_zoo(meta, zoo.ptm_names, zoo.ptm_dims, zoo.generic_dim,
+                           store.encoder_name)
       start = int(train_state["step"])
       val = meta.get("val", {})
       logging.info("Resumed from step %d", start)

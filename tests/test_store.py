@@ -154,6 +154,27 @@ def test_views_select_ptms_and_hide_pools(tmp_path):
     select_ptms(write(tmp_path / "plain"), "fine_tuned")
 
 
+def test_generic_from_serves_a_ptms_features_as_the_generic_ones(tmp_path):
+  store = write(tmp_path / "s")
+  store.meta["seconds_per_sample"] = {"encoder": 1.0, "a": 2.0, "b": 3.0}
+  (store.path / "meta.json").write_text(json.dumps(store.meta))
+  view = FeatureStore(store.path, ptms=["a"], generic_from="b")
+  assert (view.encoder_name, view.encoder_dim) == ("b", 6)
+  task = view.task("t")
+  np.testing.assert_array_equal(task.generic, store.task("t").ptm_features("b"))
+  assert view.seconds_per_sample()["encoder"] == 3.0
+  assert FeatureStore(store.path).seconds_per_sample()["encoder"] == 1.0
+  with pytest.raises(StoreError, match=r"generic_from='zz'.*name one of them"):
+    FeatureStore(store.path, generic_from="zz")
+  # Training and ranking open their store with config.encoder.
+  from configs.train import get_config
+  from spider_jax.train import open_or_build_store
+  config = get_config()
+  config.store, config.encoder = str(store.path), "a"
+  opened = open_or_build_store(config, tmp_path / "w")
+  assert (opened.encoder_name, opened.encoder_dim) == ("a", 4)
+
+
 def test_training_batch_rows_equal_the_full_batch_rows(small_store):
   # A process builds only its own rows of each step's batch; the random
   # draws cover the whole batch, so its rows are the full batch's rows.

@@ -120,6 +120,14 @@ def test_zoo_mismatch_and_bad_checkpoints(run, tmp_path):
   with pytest.raises(checkpoint.CheckpointError,
                      match=r"missing from the store: \['ptm05'"):
     rank_lib.rank(c2, tmp_path / "w")
+  meta = Ranker.load(interrupted / "checkpoints").meta
+  with pytest.raises(checkpoint.CheckpointError,
+                     match="from generic encoder 'synthetic_generic'.*"
+                     "--config.encoder=synthetic_generic"):
+    checkpoint.check_zoo(meta, meta["ptm_names"], meta["ptm_dims"],
+                         meta["generic_dim"], "ptm03")
+  checkpoint.check_zoo(meta, meta["ptm_names"], meta["ptm_dims"],
+                       meta["generic_dim"], "synthetic_generic")
   with c2.unlocked():
     c2.rank.checkpoint = str(tmp_path / "nowhere")
   with pytest.raises(checkpoint.CheckpointError, match="does not exist"):

@@ -244,7 +244,8 @@ class FeatureStore:
 
   def __init__(self, path: os.PathLike, ptms: Sequence[str] | None = None,
                exclude_pools: Sequence[str] = (),
-               exclude_tasks: Sequence[str] = ()):
+               exclude_tasks: Sequence[str] = (),
+               generic_from: str = ""):
     """Opens the store at `path`.
 
     Args:
@@ -254,6 +255,10 @@ class FeatureStore:
         store order). None = the whole zoo.
       exclude_pools: pools whose tasks the view hides (`task_names`).
       exclude_tasks: tasks the view hides (`task_names`).
+      generic_from: a PTM of the store whose features the view serves as
+        the generic features (`TaskData.generic`, `encoder_name`,
+        `encoder_dim`, and `seconds_per_sample()["encoder"]` become that
+        PTM's). "" = the store's own generic encoder.
     """
     self.path = pathlib.Path(path)
     meta_path = self.path / "meta.json"
@@ -276,6 +281,17 @@ class FeatureStore:
     self.ptms: tuple[PTMInfo, ...] = tuple(
         PTMInfo(p["name"], int(p["dim"]), int(p.get("num_source_classes", 0)))
         for p in meta["ptms"])
+    self._generic_file = "generic.npy"
+    if generic_from:
+      dims = {p.name: p.dim for p in self.ptms}
+      if generic_from not in dims:
+        raise StoreError(
+            f"generic_from={generic_from!r}: store {self.path} has no such "
+            f"PTM (it holds {_short(list(dims))}); name one of them, or \"\" "
+            "for the store's own generic encoder "
+            f"({meta['encoder']['name']}).")
+      self.encoder_name, self.encoder_dim = generic_from, dims[generic_from]
+      self._generic_file = f"features/{generic_from}.npy"
     if ptms is not None:
       unknown = sorted(set(ptms) - set(self.ptm_names))
       if unknown or not ptms:
@@ -322,7 +338,10 @@ class FeatureStore:
 
   def seconds_per_sample(self) -> dict[str, float]:
     """Recorded forward-pass cost per image: {"encoder": s, <ptm>: s, ...}."""
-    return dict(self.meta.get("seconds_per_sample", {}))
+    secs = dict(self.meta.get("seconds_per_sample", {}))
+    if self._generic_file != "generic.npy" and self.encoder_name in secs:
+      secs["encoder"] = secs[self.encoder_name]
+    return secs
 
   def task(self, name: str) -> TaskData:
     """Loads task `name`, validating its arrays (see `validate_task`)."""
@@ -337,7 +356,7 @@ class FeatureStore:
       rows = np.load(tdir / "indices.npy", allow_pickle=False)
     pool_labels = self._pool_array(pool, "labels.npy", rows, what="labels",
                                    check_finite=False)
-    generic = self._pool_array(pool, "generic.npy", rows,
+    generic = self._pool_array(pool, self._generic_file, rows,
                                what="generic features")
     split = np.load(tdir / "split.npy", allow_pickle=False).astype(np.int8)
     if split.shape != pool_labels.shape:
