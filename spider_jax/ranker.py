@@ -109,6 +109,11 @@ class Ranker:
     return self.zoo.ptm_names
 
   @property
+  def encoder(self) -> str:
+    """Name of the generic encoder whose features `rank` expects."""
+    return str(self.meta.get("encoder", ""))
+
+  @property
   def prior(self) -> np.ndarray:
     """[M] each PTM's mean rank over the training tasks (higher = better)."""
     return np.asarray(self.meta["prior"])
@@ -120,7 +125,7 @@ class Ranker:
 
     Args:
       generic_features: [N, Dg] features of the task's images from the
-        ranker's generic encoder.
+        ranker's generic encoder (`self.encoder`).
       labels: [N] int class ids 0..C-1 (every class present, C >= 2).
       k: re-ranking depth; None = the depth chosen on validation tasks.
       ptm_features: PTM name -> [N, Dm] features, a dict or a function;

@@ -120,7 +120,9 @@ def test_zoo_mismatch_and_bad_checkpoints(run, tmp_path):
   with pytest.raises(checkpoint.CheckpointError,
                      match=r"missing from the store: \['ptm05'"):
     rank_lib.rank(c2, tmp_path / "w")
-  meta = Ranker.load(interrupted / "checkpoints").meta
+  ranker = Ranker.load(interrupted / "checkpoints")
+  assert ranker.encoder == "synthetic_generic"
+  meta = ranker.meta
   with pytest.raises(checkpoint.CheckpointError,
                      match="from generic encoder 'synthetic_generic'.*"
                      "--config.encoder=synthetic_generic"):
