@@ -62,9 +62,10 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
   # (from each PTM's own features on training images; train.py
   # ptm_feature_tokens).
   c.ptm_init = "normal"
-  # Features that make the task tokens: "" = the store's generic encoder,
-  # or the name of a PTM of the store, whose stored features then serve as
-  # the generic features (its forward pass is what a new task costs).
+  # Features that make the task tokens: "" (or its name) = the store's
+  # generic encoder, or the name of a PTM of the store, whose stored
+  # features then serve as the generic features (its forward pass is what
+  # a new task costs).
   c.encoder = ""
   c.synthetic = ml_collections.ConfigDict(dict(seed=0, num_train=160))
   c.seed = 0

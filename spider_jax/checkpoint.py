@@ -171,5 +171,5 @@ def check_zoo(meta: dict, ptm_names: Sequence[str],
     raise CheckpointError(
         f"the checkpoint's task tokens come from generic encoder "
         f"{meta['encoder']!r}, but this run's come from {encoder!r}. Set "
-        f"--config.encoder={meta['encoder']} (a PTM of the store, or \"\" "
-        "for the store's own encoder), or train a ranker for this encoder.")
+        f"--config.encoder={meta['encoder']}, or train a ranker for this "
+        "encoder.")

@@ -164,6 +164,9 @@ def test_generic_from_serves_a_ptms_features_as_the_generic_ones(tmp_path):
   np.testing.assert_array_equal(task.generic, store.task("t").ptm_features("b"))
   assert view.seconds_per_sample()["encoder"] == 3.0
   assert FeatureStore(store.path).seconds_per_sample()["encoder"] == 1.0
+  own = FeatureStore(store.path, generic_from="enc")  # The store's encoder.
+  assert (own.encoder_name, own.encoder_dim) == ("enc", 5)
+  np.testing.assert_array_equal(own.task("t").generic, store.task("t").generic)
   with pytest.raises(StoreError, match=r"generic_from='zz'.*name one of them"):
     FeatureStore(store.path, generic_from="zz")
   # Training and ranking open their store with config.encoder.

@@ -258,7 +258,8 @@ class FeatureStore:
       generic_from: a PTM of the store whose features the view serves as
         the generic features (`TaskData.generic`, `encoder_name`,
         `encoder_dim`, and `seconds_per_sample()["encoder"]` become that
-        PTM's). "" = the store's own generic encoder.
+        PTM's). "" or the store's encoder name = the store's own generic
+        encoder.
     """
     self.path = pathlib.Path(path)
     meta_path = self.path / "meta.json"
@@ -282,7 +283,7 @@ class FeatureStore:
         PTMInfo(p["name"], int(p["dim"]), int(p.get("num_source_classes", 0)))
         for p in meta["ptms"])
     self._generic_file = "generic.npy"
-    if generic_from:
+    if generic_from and generic_from != self.encoder_name:
       dims = {p.name: p.dim for p in self.ptms}
       if generic_from not in dims:
         raise StoreError(
