@@ -1,5 +1,6 @@
 """The `:tiny` benchmark built by several processes (see
-test_extract_groundtruth.py::test_two_processes_build_the_same_store).
+test_extract_groundtruth.py::
+test_two_processes_build_then_groundtruth_and_rank_cli).
 
   bench_multihost_check.py OUT_DIR PORT NUM_PROCESSES PROCESS_ID SEED_FROM
 

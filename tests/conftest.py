@@ -1,15 +1,31 @@
 """Shared fixtures: a small synthetic FeatureStore and a trained ranker;
 helpers to run several processes on localhost."""
 
+import atexit
+import os
 import pathlib
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # `configs` is a top-level package.
+
+# Many tests (and the subprocesses they start, which inherit the
+# environment) compile the same small programs: share them through JAX's
+# persistent compilation cache, fresh for each session and removed at its
+# end. Set before jax is imported; a JAX_COMPILATION_CACHE_DIR already set
+# is used as is (and kept).
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _xla_cache = tempfile.mkdtemp(prefix="spider_jax_tests_xla_cache_")
+  atexit.register(shutil.rmtree, _xla_cache, ignore_errors=True)
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _xla_cache
+  os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+  os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402

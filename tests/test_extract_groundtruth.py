@@ -351,26 +351,6 @@ def test_committed_full_table_reproduces():
     assert abs(res["test_acc"] - float(r["test_acc"])) <= 1.0, r
 
 
-def test_two_processes_build_the_same_store(tiny, tmp_path):
-  """groundtruth.run(all_processes=True) on 2 processes (jax.distributed on
-  localhost): extraction is split over both, process 0 writes, and the
-  store equals the one-process build."""
-  cfg, summary = tiny
-  port = free_port()
-  info = []
-  for rc, stdout, stderr in run_processes(
-      lambda i: [sys.executable, str(REPO / "tests" /
-                                     "bench_multihost_check.py"),
-                 str(tmp_path), str(port), "2", str(i), cfg.results_dir],
-      2, env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=600):
-    assert rc == 0, stderr[-3000:]
-    info.append(json.loads(stdout.strip().splitlines()[-1]))
-  assert info[0]["store"] == info[1]["store"]
-  assert "counts" in info[0]["keys"] and info[1]["keys"] == ["store"]
-  assert info[0]["split_calls"] > 0 and info[1]["split_calls"] > 0
-  assert_same_store(info[0]["store"], summary["store"])
-
-
 def assert_same_store(path, reference):
   """The stores at `path` and `reference` hold the same tasks, labels,
   features (to 1e-4) and target ground truth."""
@@ -402,15 +382,35 @@ def run_cli_on_two_processes(argv: list[str]) -> list[str]:
   return out
 
 
-def test_groundtruth_then_rank_cli_on_two_processes(tiny, tmp_path):
-  """`python -m spider_jax.groundtruth` on 2 processes (jax.distributed on
-  localhost) builds the `:tiny` benchmark from an empty cache; process 0
-  alone prints the summary, and the store equals the one-process build.
-  `python -m spider_jax.rank` on 2 processes then reuses that store, trains
-  and ranks; process 0 writes the report. (One test: building the store
-  again inside `rank` would repeat the same `groundtruth.run`.)"""
+def test_two_processes_build_then_groundtruth_and_rank_cli(tiny, tmp_path):
+  """On 2 processes (jax.distributed on localhost):
+  `groundtruth.run(all_processes=True)` builds the `:tiny` benchmark from an
+  empty cache (extraction split over both, process 0 writes) and the store
+  equals the one-process build; `python -m spider_jax.groundtruth` then
+  reuses that store and process 0 alone prints the summary;
+  `python -m spider_jax.rank` reuses it too, trains and ranks, and process 0
+  writes the report. (One test: each 2-process build takes ~40 s.)"""
   cfg, summary = tiny
+  port = free_port()
+  info = []
+  for rc, stdout, stderr in run_processes(
+      lambda i: [sys.executable, str(REPO / "tests" /
+                                     "bench_multihost_check.py"),
+                 str(tmp_path), str(port), "2", str(i), cfg.results_dir],
+      2, env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=600):
+    assert rc == 0, stderr[-3000:]
+    info.append(json.loads(stdout.strip().splitlines()[-1]))
+  assert info[0]["store"] == info[1]["store"]
+  assert "counts" in info[0]["keys"] and info[1]["keys"] == ["store"]
+  assert info[0]["split_calls"] > 0 and info[1]["split_calls"] > 0
   cache = tmp_path / "cache"
+  stores = list((cache / "stores").iterdir())
+  assert [p.name for p in stores] == [pathlib.Path(summary["store"]).name]
+  assert str(stores[0]) == info[0]["store"]
+  assert_same_store(stores[0], summary["store"])
+  store_files = sorted((p.name, p.stat().st_mtime_ns)
+                       for p in stores[0].rglob("*"))
+
   out = run_cli_on_two_processes([
       sys.executable, "-m", "spider_jax.groundtruth",
       "--config=configs/bench.py:tiny", f"--config.cache_dir={cache}",
@@ -419,11 +419,6 @@ def test_groundtruth_then_rank_cli_on_two_processes(tiny, tmp_path):
   printed = json.loads(out[0][out[0].index("\n{") + 1:])
   assert printed["ground_truth_status"] == summary["ground_truth_status"]
   assert "ground_truth_status" not in out[1]   # Only gloo's connect line.
-  stores = list((cache / "stores").iterdir())
-  assert [p.name for p in stores] == [pathlib.Path(summary["store"]).name]
-  assert_same_store(stores[0], summary["store"])
-  store_files = sorted((p.name, p.stat().st_mtime_ns)
-                       for p in stores[0].rglob("*"))
 
   run_cli_on_two_processes([
       sys.executable, "-m", "spider_jax.rank",
