@@ -63,12 +63,6 @@ flags.DEFINE_bool("score_related", False, "A fold also scores the training "
                   "leaves out of training either way).")
 
 
-def zscore(s: np.ndarray) -> np.ndarray:
-  """[T, M] scores standardised per task over the M PTMs."""
-  return (s - s.mean(1, keepdims=True)) / np.maximum(s.std(1, keepdims=True),
-                                                     1e-12)
-
-
 def training_tasks(store) -> dict[str, str]:
   """{task: pool} of the view's training tasks, also those of the pools it
   leaves out (their degraded copies are scored with --score_related); tasks
@@ -153,7 +147,8 @@ def main(argv):
                                   flags.FLAGS.score_related)
       spider, prior = fold_scores(config, workdir, store, pool, names, seed,
                                   flags.FLAGS.k, related)
-      blends = {f"spider+{w:g}*prior": zscore(spider) + w * zscore(prior)
+      blends = {f"spider+{w:g}*prior":
+                metrics.zscore(spider) + w * metrics.zscore(prior)
                 for w in weights if w}
       for method, s in (("spider", spider), ("prior", prior),
                         *blends.items()):

@@ -83,6 +83,13 @@ def ranks_from_scores(scores) -> np.ndarray:
   return ranks
 
 
+def zscore(scores) -> np.ndarray:
+  """[T, M] scores standardised per task (row) over the M PTMs."""
+  s = np.asarray(scores, np.float64)
+  return (s - s.mean(1, keepdims=True)) / np.maximum(s.std(1, keepdims=True),
+                                                     1e-12)
+
+
 def task_metrics(ground_truth, scores) -> dict[str, float]:
   """All per-task metrics as a dict: weighted_tau, rel@1, rel@3, regret@1."""
   return {

@@ -95,3 +95,37 @@ def test_fold_scores_degraded_copies_only_with_score_related():
   assert fold_tasks("font_arabic_ranker", pool_of, True) == (
       ["t0", "t2", "t3"], ("font_arabic_ranker_thick_strokes",))
   assert fold_tasks("font_thai_ranker", pool_of, True) == (["t1"], ())
+
+
+def test_seed_ensemble_benchmark(tmp_path):
+  """benchmarks/seed_ensemble.py: one ensemble of 2 seeds on the synthetic
+  store; its figure is the mean z-scored ranking of the two rankers."""
+  cmd = [sys.executable, str(REPO / "benchmarks" / "seed_ensemble.py"),
+         "--config=configs/rank.py:synthetic_tiny",
+         "--config.synthetic.num_train=3", "--config.epochs=2",
+         "--seeds=0,1", "--size=2", f"--workdir={tmp_path}"]
+  first = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+  assert first.returncode == 0, first.stderr[-3000:]
+  assert "ensembles of 2" in first.stdout
+  out = json.loads((tmp_path / "seed_ensemble.json").read_text())
+  reports = [json.loads((tmp_path / f"seed_{s}" / "rank" / "results.json")
+                        .read_text()) for s in (0, 1)]  # Targets, ranked last.
+  truth = [np.array(reports[0]["ground_truth"][n])
+           for n in reports[0]["tasks"]]
+  scores = [np.array(r["scores"][f"spider(k={r['k']})"]) for r in reports]
+  mean_z = (metrics.zscore(scores[0]) + metrics.zscore(scores[1])) / 2
+  want = np.mean([metrics.weighted_tau(t, s) for t, s in zip(truth, mean_z)])
+  assert np.isclose(out["target"]["ensembles"][0], want)
+  for i, r in enumerate(reports):
+    assert np.isclose(out["target"]["single"][i],
+                      r["mean"][f"spider(k={r['k']})"]["weighted_tau"])
+  assert len(out["val"]["single"]) == 2
+  assert out["val"]["se"] is None  # One ensemble: no spread to estimate.
+  again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True,
+                         check=True)
+  assert "training the ranker" not in again.stderr
+  assert json.loads((tmp_path / "seed_ensemble.json").read_text()) == out
+  bad = subprocess.run(cmd[:-3] + ["--seeds=0,1,2", "--size=2",
+                                   f"--workdir={tmp_path}"], cwd=REPO,
+                       capture_output=True, text=True)
+  assert bad.returncode != 0 and "--size=2" in bad.stderr
