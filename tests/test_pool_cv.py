@@ -1,4 +1,5 @@
-"""benchmarks/pool_cv.py end to end on a 3-task synthetic store."""
+"""benchmarks/pool_cv.py and benchmarks/seed_ensemble.py end to end on a
+small synthetic store."""
 
 import json
 import pathlib
