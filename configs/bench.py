@@ -182,8 +182,8 @@ def get_config(variant: str = "full") -> ml_collections.ConfigDict:
   # The first N tasks of pools.extra_train are fine-tuned too. The
   # committed results/bench/default also holds the cells of the first 40
   # tasks of DEGRADED_POOLS (760 cells, 53 min of cell time; README, "What
-  # we tried"), which `default` does not use, and those of 37 of the 50
-  # training tasks that train_tasks=140 adds (710 cells, 51 min; README).
+  # we tried"), which `default` does not use, and those of the 50
+  # training tasks that train_tasks=140 adds (950 cells, 81 min; README).
   c.finetune.extra_train_tasks = 0
   # Cell order (PTM names or families, earliest first; the rest last).
   c.finetune.order = ("mlp", "cnn_s", "efficientnet_lite0", "resnet_s",
