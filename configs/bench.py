@@ -133,6 +133,13 @@ def get_config(variant: str = "full") -> ml_collections.ConfigDict:
   c.tasks.num_val = 48 if real else 4
   c.tasks.num_extra_train = 0      # tasks from pools.extra_train
   c.tasks.num_extra_val = 0        # tasks from pools.extra_val
+  # Large tasks, as large as the targets: every row of
+  # large_min_classes..all classes of a pool of pools.train / pools.val
+  # (the sampled ones hold at most 36 training images per class and 20
+  # classes; the targets 750-1200 training images).
+  c.tasks.num_large_train = 0
+  c.tasks.num_large_val = 0
+  c.tasks.large_min_classes = 12
   c.tasks.seed = 0
   c.tasks.min_classes = 2
   c.tasks.max_classes = 20
@@ -185,6 +192,9 @@ def get_config(variant: str = "full") -> ml_collections.ConfigDict:
   # we tried"), which `default` does not use, and those of the 50
   # training tasks that train_tasks=140 adds (950 cells, 81 min; README).
   c.finetune.extra_train_tasks = 0
+  # The first N large training tasks of `task_pools` are fine-tuned too
+  # (large validation tasks are validation tasks: `val_tasks`).
+  c.finetune.large_train_tasks = 0
   # Cell order (PTM names or families, earliest first; the rest last).
   c.finetune.order = ("mlp", "cnn_s", "efficientnet_lite0", "resnet_s",
                       "cnn_w", "efficientnet_lite1", "efficientnet_lite2")

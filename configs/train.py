@@ -51,6 +51,9 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
   # Pools whose tasks are left out of training, validation and ranking
   # ("pool,pool,..."; "" = none).
   c.exclude_pools = ""
+  # Training/validation tasks left out by name ("task,task,..."; "" = none),
+  # e.g. to train on a store's other tasks only.
+  c.exclude_tasks = ""
   # Which training/validation tasks the ranker uses, by their ground truth:
   # "finetuned" (only those whose ground truth is fine-tuned accuracy, as
   # listed by a store built with finetune.val_tasks / train_tasks, see

@@ -392,8 +392,11 @@ def finetuned_tasks(cfg, tasks: Sequence[extract.Task]
   Config `finetune.val_tasks` (every validation task) and
   `finetune.train_tasks` (the first N training tasks of `pools.train`),
   both restricted to the pools of `finetune.task_pools` (() = every pool;
-  the tasks of `pools.extra_val` are not), and `finetune.extra_train_tasks`
-  (the first N training tasks of `pools.extra_train`); validation first.
+  the tasks of `pools.extra_val` are not), `finetune.extra_train_tasks`
+  (the first N training tasks of `pools.extra_train`) and
+  `finetune.large_train_tasks` (the first N large training tasks of
+  `finetune.task_pools`); validation first. `train_tasks` counts the
+  sampled tasks only.
   """
   f = cfg.finetune
   pools = tuple(f.get("task_pools", ()))
@@ -402,10 +405,12 @@ def finetuned_tasks(cfg, tasks: Sequence[extract.Task]
   ok = lambda t: not pools or t.pool in pools
   val = [t for t in tasks if t.role == "val" and (ok(t) or t.pool in extra_val)
          ] if f.get("val_tasks", False) else []
-  train = [t for t in tasks if t.role == "train" and ok(t)
+  train = [t for t in tasks if t.role == "train" and ok(t) and not t.large
            and t.pool not in extra][:int(f.get("train_tasks", 0))]
   train += [t for t in tasks if t.role == "train" and t.pool in extra
             ][:int(f.get("extra_train_tasks", 0))]
+  train += [t for t in tasks if t.role == "train" and ok(t) and t.large
+            ][:int(f.get("large_train_tasks", 0))]
   return val + train
 
 

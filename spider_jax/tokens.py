@@ -5,7 +5,10 @@ L2-normalised features (`task_token="prototype"`, Model Spider), the
 prototype concatenated with the per-class, per-dimension standard deviation
 of those features (`"prototype_spread"`, twice as wide), or the prototype
 minus the mean of the task's prototypes (`"prototype_centered"`: the
-task's offset in feature space, e.g. its image domain, is removed). Tokens
+task's offset in feature space, e.g. its image domain, is removed), or the
+prototype followed by the class's and the task's training-image counts
+(`"prototype_size"`, `size_features`: fine-tuned rankings change with the
+amount of training data, which prototypes alone do not show). Tokens
 are padded to a static *bucket* so that jit compiles once per bucket, and a
 boolean mask marks the real rows.
 
@@ -78,20 +81,41 @@ def class_prototypes(features, labels, num_classes: int, *,
   return sums / xp.maximum(counts, 1)
 
 
-TASK_TOKENS = ("prototype", "prototype_spread", "prototype_centered")
+TASK_TOKENS = ("prototype", "prototype_spread", "prototype_centered",
+               "prototype_size")
 
 
 def token_dim(dim: int, task_token: str = "prototype") -> int:
-  """Width of a task token built from D-wide features: D or 2 D."""
+  """Width of a task token built from D-wide features: D, 2 D or D + 2."""
   if task_token not in TASK_TOKENS:
     raise ValueError(f"unknown task_token {task_token!r}; use one of "
                      f"{TASK_TOKENS}.")
+  if task_token == "prototype_size":
+    return dim + 2
   return dim * (2 if task_token == "prototype_spread" else 1)
 
 
+def size_features(counts):
+  """Per-class size columns of `prototype_size` tokens.
+
+  Args:
+    counts: [C] training images per class (0 = absent class).
+
+  Returns:
+    [C, 2]: log2(1 + class count) / 10 and log2(1 + task count) / 10 (about
+    0.1-1.1 for 1-2,000 images, the scale of a prototype's entries); zeros
+    for absent classes.
+  """
+  xp = _xp(counts)
+  counts = counts.astype(xp.float32)
+  total = xp.broadcast_to(counts.sum(), counts.shape)
+  cols = xp.stack([xp.log2(1.0 + counts), xp.log2(1.0 + total)], axis=1) / 10
+  return xp.where(counts[:, None] > 0, cols, 0.0)
+
+
 def class_tokens(features, labels, num_classes: int, *,
-                 task_token: str = "prototype"):
-  """One token per class: its prototype, optionally with its spread.
+                 task_token: str = "prototype", counts=None):
+  """One token per class: its prototype, optionally with its spread or size.
 
   Args:
     features: [N, D] float features.
@@ -99,9 +123,13 @@ def class_tokens(features, labels, num_classes: int, *,
     num_classes: C (static).
     task_token: "prototype" ([C, D] `class_prototypes`),
       "prototype_spread" ([C, 2 D]: prototype, then the per-dimension
-      standard deviation of the class's L2-normalised features) or
+      standard deviation of the class's L2-normalised features),
       "prototype_centered" ([C, D]: prototypes minus their mean over the
-      classes that have samples).
+      classes that have samples) or "prototype_size" ([C, D + 2]:
+      prototype, then `size_features(counts)`).
+    counts: [C] training images per class for "prototype_size"; default
+      the rows given. (Training passes the task's full counts while its
+      prototypes come from a random subset of the rows.)
 
   Returns:
     [C, token_dim(D, task_token)]; a class without samples gives zeros.
@@ -111,6 +139,11 @@ def class_tokens(features, labels, num_classes: int, *,
   if task_token == "prototype":
     return protos
   xp = _xp(features)
+  if task_token == "prototype_size":
+    if counts is None:
+      counts = (labels[:, None] == xp.arange(num_classes)[None, :]).sum(0)
+    return xp.concatenate([protos, size_features(xp.asarray(counts)
+                                                 ).astype(protos.dtype)], 1)
   if task_token == "prototype_centered":  # Mean over non-empty classes.
     present = (labels[:, None] == xp.arange(num_classes)[None, :]).any(0)
     mean = (protos * present[:, None]).sum(0) / xp.maximum(present.sum(), 1)

@@ -44,7 +44,8 @@ def open_or_build_store(config: ml_collections.ConfigDict,
   config.store if set; else the offline benchmark config.bench (built or
   reused by spider_jax.groundtruth.run, results in WORKDIR/bench) when its
   variant is set; else the synthetic store in WORKDIR/store. The zoo is
-  restricted to `config.ptms` (see `select_ptms`).
+  restricted to `config.ptms` (see `select_ptms`); `config.exclude_pools`
+  and `config.exclude_tasks` hide pools and tasks by name.
   """
   if config.store:
     path = pathlib.Path(config.store)
@@ -58,12 +59,13 @@ def open_or_build_store(config: ml_collections.ConfigDict,
       logging.info("Writing the synthetic store to %s", path)
       write_synthetic_store(path, spec)
     sharding.barrier("synthetic_store")  # Others wait for process 0's store.
-  exclude = [p.strip() for p in config.exclude_pools.split(",") if p.strip()]
+  names = lambda text: [n.strip() for n in text.split(",") if n.strip()]
   whole = FeatureStore(path)
-  return FeatureStore(path, ptms=select_ptms(whole, config.ptms),
-                      generic_from=config.encoder,
-                      exclude_pools=exclude,
-                      exclude_tasks=tasks_to_hide(whole, config.ground_truth))
+  return FeatureStore(
+      path, ptms=select_ptms(whole, config.ptms), generic_from=config.encoder,
+      exclude_pools=names(config.exclude_pools),
+      exclude_tasks=sorted(set(tasks_to_hide(whole, config.ground_truth))
+                           | set(names(config.get("exclude_tasks", "")))))
 
 
 def tasks_to_hide(store: FeatureStore, ground_truth: str) -> list[str]:

@@ -108,6 +108,34 @@ def test_prototype_centered_tokens():
       want, atol=1e-6)
 
 
+def test_prototype_size_tokens():
+  rng = np.random.default_rng(3)
+  x = rng.normal(size=(31, 6))
+  y = np.array([0] * 10 + [1] * 20 + [3])             # class 2 is empty
+  got = tokens.class_tokens(x, y, 4, task_token="prototype_size")
+  assert got.shape == (4, 8) and tokens.token_dim(6, "prototype_size") == 8
+  np.testing.assert_allclose(got[:, :6], tokens.class_prototypes(x, y, 4),
+                             atol=1e-12)
+  total = np.log2(32.0) / 10
+  np.testing.assert_allclose(got[:, 6:], [[np.log2(11) / 10, total],
+                                          [np.log2(21) / 10, total],
+                                          [0.0, 0.0], [0.1, total]],
+                             atol=1e-12)
+  # Given counts (a task's whole train split) replace the rows' own; jnp
+  # agrees.
+  counts = np.array([40, 80, 0, 4])
+  want = np.log2(1.0 + np.array([40, 80, 4])) / 10
+  for xs, ys in ((x, y), (jnp.asarray(x, jnp.float32), jnp.asarray(y))):
+    sized = tokens.class_tokens(xs, ys, 4, task_token="prototype_size",
+                                counts=counts)
+    np.testing.assert_allclose(np.asarray(sized)[[0, 1, 3], 6], want,
+                               atol=1e-6)
+    np.testing.assert_allclose(np.asarray(sized)[[0, 1, 3], 7],
+                               np.log2(125.0) / 10, atol=1e-6)
+  cfg = ModelConfig(dim=8, task_token="prototype_size")
+  assert model(cfg).u_w[...].shape == (14, 8)
+
+
 def test_buckets_and_padding():
   assert [tokens.bucket_size(n) for n in (1, 8, 9, 13, 85, 200, 397, 1500)
           ] == [8, 8, 12, 16, 96, 256, 448, 1536]

@@ -279,6 +279,51 @@ def test_extra_training_pools_leave_the_other_tasks_unchanged(tiny):
     extract.task_list(c, pools)
 
 
+def test_large_tasks_hold_whole_classes_and_leave_the_others_unchanged(tiny):
+  """tasks.num_large_train / num_large_val add tasks of whole classes after
+  the others; finetune.large_train_tasks fine-tunes the first N of them in
+  finetune.task_pools; unused, the new fields change no cache key."""
+  cfg, _ = tiny
+  c = cfg.copy_and_resolve_references()
+  with c.unlocked():
+    c.tasks.num_large_train = 4
+    c.tasks.num_large_val = 2
+    c.tasks.large_min_classes = 3
+    c.finetune.train_tasks = 2
+    c.finetune.large_train_tasks = 2
+    c.finetune.val_tasks = True
+    c.finetune.task_pools = ("font_latin_lower_ranker",
+                             "font_greek_lower_ranker")
+  pools = extract.build_pools(c)
+  base, more = extract.task_list(cfg, pools), extract.task_list(c, pools)
+  key = lambda t: (t.name, t.pool, t.role, None if t.rows is None
+                   else tuple(t.rows.tolist()))
+  before = [key(b) for b in base]
+  assert [key(t) for t in more if not t.large] == before
+  large = [t for t in more if t.large]
+  assert [t.name for t in large] == (
+      [f"train_{cfg.tasks.num_train + i:04d}" for i in range(4)]
+      + [f"val_{cfg.tasks.num_val + i:03d}" for i in range(2)])
+  for t in large:
+    pool = pools[t.pool]
+    classes = np.unique(pool.labels[t.rows])
+    assert len(classes) >= min(3, pool.num_classes)
+    np.testing.assert_array_equal(              # every row of those classes
+        t.rows, np.flatnonzero(np.isin(pool.labels, classes)))
+    assert t.pool in c.pools[t.role]
+  tuned = groundtruth.finetuned_tasks(c, more)
+  ok = lambda t: t.pool in c.finetune.task_pools
+  names = lambda ts: [t.name for t in ts]
+  assert names(tuned) == (
+      names(t for t in more if t.role == "val" and ok(t))
+      + names(t for t in base if t.role == "train" and ok(t))[:2]
+      + names(t for t in large if t.role == "train" and ok(t))[:2])
+  _check_keys(cfg, c, pools, [("tasks", "num_large_train"),
+                              ("tasks", "num_large_val"),
+                              ("tasks", "large_min_classes"),
+                              ("finetune", "large_train_tasks")])
+
+
 def _check_keys(cfg, changed, pools, fields):
   """New config `fields` ((section, key)) at their defaults leave the store
   and probe keys of `cfg` as they were without them; `changed` has others."""

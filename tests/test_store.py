@@ -150,6 +150,15 @@ def test_views_select_ptms_and_hide_pools(tmp_path):
   assert FeatureStore(full.path, exclude_tasks=["u"]).task_names() == ["t"]
   with pytest.raises(StoreError, match="exclude_tasks names nope, which store"):
     FeatureStore(full.path, exclude_tasks=["nope"])
+  # Training and ranking hide tasks named in config.exclude_tasks.
+  from configs.train import get_config
+  from spider_jax.train import open_or_build_store
+  config = get_config()
+  config.store, config.exclude_tasks = str(full.path), " u ,"
+  assert open_or_build_store(config, tmp_path / "w").task_names() == ["t"]
+  config.exclude_tasks = "u,nope"
+  with pytest.raises(StoreError, match="exclude_tasks names nope"):
+    open_or_build_store(config, tmp_path / "w")
   with pytest.raises(ValueError, match="target_cell_source"):
     select_ptms(write(tmp_path / "plain"), "fine_tuned")
 
@@ -193,6 +202,28 @@ def test_training_batch_rows_equal_the_full_batch_rows(small_store):
       for k, v in full.items():
         np.testing.assert_array_equal(part[k], v[rows], err_msg=k)
   assert full["h_mask"].any() or sampler.batch(1)["h_mask"].any()
+
+
+def test_size_tokens_count_the_whole_train_split(small_store):
+  # Training prototypes come from a random subset of each class's rows;
+  # the size columns still count the task's whole train split, as scoring
+  # the task does.
+  from spider_jax import tokens
+  from spider_jax.data.sampler import TrainingSampler, generic_arrays
+  names = small_store.task_names("train")[:1]
+  task = small_store.task(names[0])
+  sampler = TrainingSampler(small_store, names, batch_size=1, k_max=0,
+                            seed=0, min_keep=0.1,
+                            task_token="prototype_size")
+  sub = sampler.batch(0)["u"][0]
+  full = generic_arrays([task], [None], sub.shape[0], small_store.encoder_dim,
+                        "prototype_size")["u"][0]
+  c, d = task.num_classes, small_store.encoder_dim
+  counts = np.bincount(task.labels[task.mask("train")], minlength=c)
+  np.testing.assert_allclose(sub[:c, d:], tokens.size_features(counts),
+                             atol=1e-6)
+  np.testing.assert_array_equal(sub[:c, d:], full[:c, d:])
+  assert not np.allclose(sub[:c, :d], full[:c, :d])   # rows were subsampled
 
 
 def test_training_batch_with_fewer_tasks_than_its_size(small_store):

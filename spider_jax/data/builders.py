@@ -553,7 +553,8 @@ def sample_training_tasks(pools: Mapping[str, Pool], num_tasks: int,
                           seed: int, *, roles: Sequence[str] = ("train",),
                           pool_names: Sequence[str] | None = None,
                           min_classes: int = 2, max_classes: int = 20,
-                          min_per_class: int = 10, max_per_class: int = 60
+                          min_per_class: int = 10, max_per_class: int = 60,
+                          whole_classes: bool = False
                           ) -> list[tuple[str, np.ndarray]]:
   """Draws ranker-training tasks from the pools of the given roles.
 
@@ -572,6 +573,8 @@ def sample_training_tasks(pools: Mapping[str, Pool], num_tasks: int,
     pool_names: restrict to these pools (None: all of `roles`).
     min_classes, max_classes: class-count range (capped by the pool).
     min_per_class, max_per_class: per-class sample-count range.
+    whole_classes: take every row of each chosen class instead (tasks as
+      large as a whole pool's classes, like the targets).
 
   Returns:
     [(pool name, sorted [n] int64 row indices into that pool)].
@@ -590,6 +593,9 @@ def sample_training_tasks(pools: Mapping[str, Pool], num_tasks: int,
     classes = np.sort(rng.choice(pool.num_classes, c, replace=False))
     rows = []
     for k in classes:
+      if whole_classes:
+        rows.append(np.flatnonzero(pool.labels == k))
+        continue
       m = int(rng.integers(min_per_class, max_per_class + 1))
       for s, frac in enumerate(SPLIT_FRACTIONS):
         cand = np.flatnonzero((pool.labels == k) & (pool.split == s))

@@ -65,6 +65,9 @@ def generic_arrays(tasks: Sequence[TaskData | None],
                    dim: int, task_token: str = "prototype") -> dict:
   """Task tokens of the generic features (`tokens.class_tokens`).
 
+  `prototype_size` tokens count each task's whole train split, also when
+  `rows` selects a subset of it.
+
   Returns:
     {"u": [B, P, token_dim(Dg, task_token)], "u_mask": [B, P],
      "weight": [B]}.
@@ -76,10 +79,12 @@ def generic_arrays(tasks: Sequence[TaskData | None],
   for i, task in enumerate(tasks):
     if task is None:
       continue
-    sel = task.mask("train") if rows[i] is None else rows[i]
+    train = task.mask("train")
+    sel = train if rows[i] is None else rows[i]
     u[i, :task.num_classes] = tok.class_tokens(
         task.generic[sel], task.labels[sel], task.num_classes,
-        task_token=task_token)
+        task_token=task_token,
+        counts=np.bincount(task.labels[train], minlength=task.num_classes))
     u_mask[i, :task.num_classes] = True
     weight[i] = 1.0
   return {"u": u, "u_mask": u_mask, "weight": weight}

@@ -97,11 +97,15 @@ def task_pools(cfg) -> list[str]:
 
 def tasks_key(cfg) -> dict:
   """cfg.tasks for cache keys (without `num_extra_train` / `num_extra_val`
-  when 0, so stores and probes built before those fields existed keep their
-  keys)."""
+  when 0, nor the `num_large_*` fields and `large_min_classes` while there
+  are no large tasks, so stores and probes built before those fields
+  existed keep their keys)."""
   t = cfg.tasks.to_dict()
   for field in ("num_extra_train", "num_extra_val"):
     if not t.get(field):
+      t.pop(field, None)
+  if not (t.get("num_large_train") or t.get("num_large_val")):
+    for field in ("num_large_train", "num_large_val", "large_min_classes"):
       t.pop(field, None)
   return t
 
@@ -258,13 +262,16 @@ def store_hash(cfg, pools: Mapping[str, builders.Pool],
       "v": CODE_VERSION}
   f = cfg.get("finetune")
   if f is not None and (f.get("val_tasks") or f.get("train_tasks")
-                        or f.get("extra_train_tasks")):
+                        or f.get("extra_train_tasks")
+                        or f.get("large_train_tasks")):
     # Its ground truth differs from the probe-only store's (same features).
     key["finetuned_tasks"] = {"val": bool(f.val_tasks),
                               "train": int(f.train_tasks),
                               "pools": list(f.get("task_pools", ()))}
     if f.get("extra_train_tasks"):
       key["finetuned_tasks"]["extra_train"] = int(f.extra_train_tasks)
+    if f.get("large_train_tasks"):
+      key["finetuned_tasks"]["large_train"] = int(f.large_train_tasks)
   return hash_json(key)[:12]
 
 
@@ -443,11 +450,13 @@ def extract_store(cfg, pools: Mapping[str, builders.Pool],
 
 @dataclasses.dataclass(frozen=True)
 class Task:
-  """A task of the benchmark: pool rows (None: all) and a role."""
+  """A task of the benchmark: pool rows (None: all), a role, and whether it
+  is a large one (`tasks.num_large_<role>`)."""
   name: str
   pool: str
   role: str
   rows: np.ndarray | None
+  large: bool = False
 
 
 def task_list(cfg, pools: Mapping[str, builders.Pool]) -> list[Task]:
@@ -457,8 +466,11 @@ def task_list(cfg, pools: Mapping[str, builders.Pool]) -> list[Task]:
   then `tasks.num_extra_train` from `pools.extra_train` (seed tasks.seed +
   2). Validation tasks: `tasks.num_val` from `pools.val` (seed tasks.seed +
   1), then `tasks.num_extra_val` from `pools.extra_val` (seed tasks.seed +
-  3). Extra tasks are drawn apart and numbered after the others, so adding
-  extra pools leaves every other task, and its cached cells, as it was.
+  3). Then the large ones: `tasks.num_large_<role>` tasks of whole classes
+  (every row of `tasks.large_min_classes` or more classes) from
+  `pools.<role>` (seeds tasks.seed + 4 and + 5), as large as the targets.
+  Extra and large tasks are drawn apart and numbered after the others, so
+  adding them leaves every other task, and its cached cells, as it was.
   """
   t = cfg.tasks
   kw = dict(min_classes=t.min_classes, max_classes=t.max_classes,
@@ -469,9 +481,14 @@ def task_list(cfg, pools: Mapping[str, builders.Pool]) -> list[Task]:
     base = builders.sample_training_tasks(
         {n: pools[n] for n in cfg.pools[role]}, num, seed, **kw) if num else []
     extra = _extra_tasks(cfg, pools, role, kw)
+    num_large = int(t.get(f"num_large_{role}", 0))
+    large = builders.sample_training_tasks(
+        {n: pools[n] for n in cfg.pools[role]}, num_large,
+        seed + 4, min_classes=t.large_min_classes, max_classes=10 ** 6,
+        whole_classes=True) if num_large else []
     width = 4 if role == "train" else 3
-    out += [Task(f"{role}_{i:0{width}d}", p, role, r)
-            for i, (p, r) in enumerate(base + extra)]
+    out += [Task(f"{role}_{i:0{width}d}", p, role, r, i >= len(base + extra))
+            for i, (p, r) in enumerate(base + extra + large)]
   return out
 
 
