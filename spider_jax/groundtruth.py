@@ -277,11 +277,18 @@ CELL_FIELDS = ("target", "ptm", "test_acc", "best_lr", "val_acc_per_lr",
                "cell_hash")
 
 
-def _read_cells(path: pathlib.Path) -> dict[tuple[str, str], dict]:
+def _read_cells(path: pathlib.Path) -> dict[tuple[str, str, str], dict]:
+  """{(task, ptm, cell hash): row} of a finetune_cells.csv.
+
+  Keyed by hash too: one table can hold cells of different builds under
+  the same task name (e.g. the extra and the large tasks both number on
+  from the sampled ones), and each build uses its own.
+  """
   if not path.exists():
     return {}
   with open(path, newline="") as f:
-    return {(r["target"], r["ptm"]): r for r in csv.DictReader(f)}
+    return {(r["target"], r["ptm"], r["cell_hash"]): r
+            for r in csv.DictReader(f)}
 
 
 def _append_cell(path: pathlib.Path, row: Mapping[str, Any]) -> None:
@@ -463,7 +470,7 @@ def run_finetune(cfg, pools, reg, zoo, results_dir: pathlib.Path, *,
         continue
       h = cell_hash(cfg, zh, extract.pool_hash(pools[target]), settings)
       expected[(target, name)] = h
-      if (target, name) in done and done[(target, name)]["cell_hash"] == h:
+      if (target, name, h) in done:
         continue
       todo.append((target, h))
     past_deadline = deadline is not None and time.time() > deadline
@@ -490,8 +497,7 @@ def run_finetune(cfg, pools, reg, zoo, results_dir: pathlib.Path, *,
       zh = zoo[name]["config_hash"] if name in zoo else spec.weight_group
       h = cell_hash(cfg, zh, sha, settings)
       expected[(task.name, name)] = h
-      if (task.name, name) in done and \
-          done[(task.name, name)]["cell_hash"] == h:
+      if (task.name, name, h) in done:
         continue
       if not cfg.finetune.enabled or (deadline is not None
                                       and time.time() > deadline):
@@ -500,8 +506,8 @@ def run_finetune(cfg, pools, reg, zoo, results_dir: pathlib.Path, *,
         loaded_ptms[name] = spec.load()
       _append_cell(path, _run_cell(loaded_ptms[name], task.name, view,
                                    settings, h, log))
-  return {c: row for c, row in _read_cells(path).items()
-          if expected.get(c) == row["cell_hash"]}
+  return {(t, p): row for (t, p, h), row in _read_cells(path).items()
+          if expected.get((t, p)) == h}
 
 
 # ----------------------------------------------------------------------------

@@ -215,6 +215,25 @@ def test_finetuned_validation_and_training_tasks(tiny, tmp_path):
   n = len(_rows(results / "finetune_cells.csv"))
   groundtruth.run(c, log=lambda s: None)
   assert len(_rows(results / "finetune_cells.csv")) == n
+  # Another build whose training tasks have the same names but other rows
+  # (tasks.seed + 1) adds its cells beside these, and each build keeps
+  # using its own: rerunning the first computes nothing.
+  other = c.copy_and_resolve_references()
+  with other.unlocked():
+    other.tasks.seed = cfg.tasks.seed + 1
+    other.finetune.val_tasks = False
+  groundtruth.run(other, log=lambda s: None)
+  rows = _rows(results / "finetune_cells.csv")
+  assert len(rows) == n + 2 * 2                 # 2 tasks x mlp, cnn_s
+  assert len({r["cell_hash"] for r in rows
+              if (r["target"], r["ptm"]) == (tuned[-1], "mlp@fashion_0_4")
+              }) == 2
+  again = groundtruth.run(c, log=lambda s: None)
+  assert len(_rows(results / "finetune_cells.csv")) == n + 4
+  np.testing.assert_array_equal(
+      FeatureStore(again["store"]).ground_truth().row(tuned[-1],
+                                                      store.ptm_names),
+      gt.row(tuned[-1], store.ptm_names))
   # The ranker's view: only the fine-tuned training/validation tasks.
   from configs import train as train_config  # pylint: disable=g-import-not-at-top
   from spider_jax.train import open_or_build_store  # pylint: disable=g-import-not-at-top
