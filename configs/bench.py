@@ -190,7 +190,10 @@ def get_config(variant: str = "full") -> ml_collections.ConfigDict:
   # committed results/bench/default also holds the cells of the first 40
   # tasks of DEGRADED_POOLS (760 cells, 53 min of cell time; README, "What
   # we tried"), which `default` does not use, and those of the 50
-  # training tasks that train_tasks=140 adds (950 cells, 81 min; README).
+  # training tasks that train_tasks=140 adds (950 cells, 81 min; README),
+  # and those of the 16 large training and 6 large validation tasks of
+  # tasks.num_large_train=24, num_large_val=12, large_train_tasks=16 (418
+  # cells, 85 min; README, "What we tried").
   c.finetune.extra_train_tasks = 0
   # The first N large training tasks of `task_pools` are fine-tuned too
   # (large validation tasks are validation tasks: `val_tasks`).
