@@ -81,10 +81,11 @@ def generic_arrays(tasks: Sequence[TaskData | None],
       continue
     train = task.mask("train")
     sel = train if rows[i] is None else rows[i]
+    counts = (np.bincount(task.labels[train], minlength=task.num_classes)
+              if task_token == "prototype_size" else None)
     u[i, :task.num_classes] = tok.class_tokens(
         task.generic[sel], task.labels[sel], task.num_classes,
-        task_token=task_token,
-        counts=np.bincount(task.labels[train], minlength=task.num_classes))
+        task_token=task_token, counts=counts)
     u_mask[i, :task.num_classes] = True
     weight[i] = 1.0
   return {"u": u, "u_mask": u_mask, "weight": weight}
