@@ -30,16 +30,11 @@ from absl import app, flags
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from spider_jax import cli, metrics, rank as rank_lib  # noqa: E402
 from spider_jax.data.store import atomic_write_json  # noqa: E402
+from spider_jax.train import mean_weighted_tau  # noqa: E402
 
 flags.DEFINE_list("seeds", [str(s) for s in range(9)], "Training seeds, in "
                   "ensemble order.")
 flags.DEFINE_integer("size", 3, "Rankers per ensemble (consecutive seeds).")
-
-
-def mean_wtau(truth: list[np.ndarray], scores: np.ndarray) -> float:
-  """Mean weighted tau of [T, M] scores against T ground-truth rows."""
-  return float(np.mean([metrics.weighted_tau(t, s)
-                        for t, s in zip(truth, scores)]))
 
 
 def main(argv):
@@ -64,11 +59,12 @@ def main(argv):
       report = rank_lib.rank(cfg, workdir / f"seed_{seed}")
       ks[seed] = report["k"]
       scores[seed] = np.array(report["scores"][f"spider(k={report['k']})"])
-      truth = [np.array(report["ground_truth"][n]) for n in report["tasks"]]
-      prior = report["mean"]["prior"]["weighted_tau"]
-    single = np.array([mean_wtau(truth, scores[s]) for s in seeds])
-    ens = np.array([mean_wtau(truth, np.mean(
-        [metrics.zscore(scores[s]) for s in g], 0)) for g in groups])
+    # Tasks, ground truth and prior are the same in every seed's report.
+    truth = np.array([report["ground_truth"][n] for n in report["tasks"]])
+    prior = report["mean"]["prior"]["weighted_tau"]
+    single = np.array([mean_weighted_tau(scores[s], truth) for s in seeds])
+    ens = np.array([mean_weighted_tau(np.mean(
+        [metrics.zscore(scores[s]) for s in g], 0), truth) for g in groups])
     se = float(np.sqrt(ens.var(ddof=1) / len(ens) + single.var(ddof=1) /
                        len(single))) if len(ens) > 1 else None  # No spread.
     out[role] = {"k": ks, "single": single.tolist(),
