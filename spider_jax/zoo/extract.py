@@ -478,13 +478,13 @@ def task_list(cfg, pools: Mapping[str, builders.Pool]) -> list[Task]:
   out = [Task(n, n, "target", None) for n in cfg.pools.targets]
   for role, seed in (("train", t.seed), ("val", t.seed + 1)):
     num = t.num_train if role == "train" else t.num_val
-    base = builders.sample_training_tasks(
-        {n: pools[n] for n in cfg.pools[role]}, num, seed, **kw) if num else []
+    own = {n: pools[n] for n in cfg.pools[role]}
+    base = builders.sample_training_tasks(own, num, seed, **kw) if num else []
     extra = _extra_tasks(cfg, pools, role, kw)
     num_large = int(t.get(f"num_large_{role}", 0))
-    large = builders.sample_training_tasks(
-        {n: pools[n] for n in cfg.pools[role]}, num_large,
-        seed + 4, min_classes=t.large_min_classes, max_classes=10 ** 6,
+    large = builders.sample_training_tasks(  # Up to all of a pool's classes.
+        own, num_large, seed + 4, min_classes=t.large_min_classes,
+        max_classes=max((p.num_classes for p in own.values()), default=0),
         whole_classes=True) if num_large else []
     width = 4 if role == "train" else 3
     out += [Task(f"{role}_{i:0{width}d}", p, role, r, i >= len(base + extra))
