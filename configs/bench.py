@@ -193,7 +193,9 @@ def get_config(variant: str = "full") -> ml_collections.ConfigDict:
   # training tasks that train_tasks=140 adds (950 cells, 81 min; README),
   # and those of the 16 large training and 6 large validation tasks of
   # tasks.num_large_train=24, num_large_val=12, large_train_tasks=16 (418
-  # cells, 85 min; README, "What we tried").
+  # cells, 85 min), and those of the 11 further large Tamil validation tasks
+  # that num_large_val=36 adds (209 cells, 35 min; README, "What we
+  # tried").
   c.finetune.extra_train_tasks = 0
   # The first N large training tasks of `task_pools` are fine-tuned too
   # (large validation tasks are validation tasks: `val_tasks`).
