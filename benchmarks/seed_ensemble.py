@@ -14,6 +14,13 @@ weighted tau per seed, per ensemble and of the constant prior, for both
 roles, with the difference of the ensembles' mean and the single rankers'
 mean and its SE (sqrt(sd_ens^2 / n_ens + sd_single^2 / n_single)), and
 writes WORKDIR/seed_ensemble.json. A rerun only rescores.
+
+It also blends each single ranker with its constant prior (shrinkage
+towards the prior): alpha * z(ranker) + (1 - alpha) * z(prior), alpha in
+0, 0.1, ..., 1 (1 = the ranker). Per seed, alpha is chosen on the
+validation tasks (ties: the larger alpha) and applied to the targets; the
+out-of-sample gain on validation is leave-one-task-out (alpha chosen on the
+other tasks, scored on the left-out one) minus alpha = 1.
 """
 
 from __future__ import annotations
@@ -37,6 +44,33 @@ flags.DEFINE_list("seeds", [str(s) for s in range(9)], "Training seeds, in "
 flags.DEFINE_integer("size", 3, "Rankers per ensemble (consecutive seeds).")
 
 
+ALPHAS = np.round(np.linspace(0.0, 1.0, 11), 1)
+
+
+def prior_blend(scores: np.ndarray, prior: np.ndarray, truth: np.ndarray
+                ) -> np.ndarray:
+  """[A, T] weighted tau of alpha * z(scores) + (1 - alpha) * z(prior) for
+  each alpha of ALPHAS; scores, prior, truth: [T, M]."""
+  z, zp = metrics.zscore(scores), metrics.zscore(prior)
+  return np.array([[metrics.weighted_tau(g, s) for g, s in
+                    zip(truth, a * z + (1 - a) * zp)] for a in ALPHAS])
+
+
+def best_alpha(wtau: np.ndarray) -> int:
+  """Index of the alpha with the highest mean over tasks of [A, T] wtau;
+  ties go to the larger alpha (nearer the ranker)."""
+  m = wtau.mean(1)
+  return int(np.flatnonzero(np.isclose(m, m.max()))[-1])
+
+
+def leave_one_out_gain(wtau: np.ndarray) -> float:
+  """Mean over tasks t of wtau[alpha chosen without t, t] minus the mean
+  at alpha = 1; wtau: [A, T]."""
+  loo = [wtau[best_alpha(np.delete(wtau, t, axis=1)), t]
+         for t in range(wtau.shape[1])]
+  return float(np.mean(loo) - wtau[-1].mean())
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -48,6 +82,7 @@ def main(argv):
                          f"{len(seeds)} seeds of --seeds.")
   groups = [seeds[i:i + size] for i in range(0, len(seeds), size)]
   out = {"seeds": seeds, "size": size}
+  alpha = {}  # seed -> index of the alpha chosen on the validation tasks
   for role in ("val", "target"):
     scores, ks = {}, {}
     for seed in seeds:
@@ -79,6 +114,26 @@ def main(argv):
     print(f"  ensembles - single: {ens.mean() - single.mean():+.4f} "
           f"(SE {se if se is None else round(se, 4)}); constant prior "
           f"{prior:.3f}")
+    prior_scores = np.array(report["scores"]["prior"])
+    blend = {s: prior_blend(scores[s], prior_scores, truth) for s in seeds}
+    if role == "val":
+      alpha = {s: best_alpha(blend[s]) for s in seeds}
+    chosen = np.array([blend[s][alpha[s]].mean() for s in seeds])
+    out[role]["prior_blend"] = {
+        "alphas": ALPHAS.tolist(),
+        "wtau": [blend[s].mean(1).tolist() for s in seeds],
+        "alpha": [float(ALPHAS[alpha[s]]) for s in seeds],
+        "chosen": chosen.tolist()}
+    print("  blend with the prior, alpha chosen on val per seed: " +
+          " ".join(f"{ALPHAS[alpha[s]]:.1f}" for s in seeds) +
+          f"; mean {chosen.mean():.4f} (alpha = 1: {single.mean():.4f})")
+    if role == "val":
+      gain = np.array([leave_one_out_gain(blend[s]) for s in seeds])
+      out[role]["prior_blend"]["loo_gain"] = gain.tolist()
+      print("  its leave-one-task-out gain over alpha = 1: " +
+            " ".join(f"{g:+.4f}" for g in gain) + f"  (mean {gain.mean():+.4f}"
+            + (f", SE {gain.std(ddof=1) / np.sqrt(len(gain)):.4f})"
+               if len(gain) > 1 else ")"))
   if jax.process_index() == 0:
     atomic_write_json(workdir / "seed_ensemble.json", out)
 

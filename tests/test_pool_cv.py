@@ -122,6 +122,26 @@ def test_seed_ensemble_benchmark(tmp_path):
                       r["mean"][f"spider(k={r['k']})"]["weighted_tau"])
   assert len(out["val"]["single"]) == 2
   assert out["val"]["se"] is None  # One ensemble: no spread to estimate.
+  # Blends with the prior: alpha = 1 is the ranker, alpha = 0 the prior;
+  # the targets use the alpha each seed chose on the validation tasks.
+  blend = out["target"]["prior_blend"]
+  assert blend["alphas"][0] == 0.0 and blend["alphas"][-1] == 1.0
+  assert blend["alpha"] == out["val"]["prior_blend"]["alpha"]
+  for i, r in enumerate(reports):
+    assert np.isclose(blend["wtau"][i][-1], out["target"]["single"][i])
+    assert np.isclose(blend["wtau"][i][0],
+                      r["mean"]["prior"]["weighted_tau"])
+    assert np.isclose(blend["chosen"][i], blend["wtau"][i][
+        blend["alphas"].index(blend["alpha"][i])])
+    half = (metrics.zscore(scores[i]) + metrics.zscore(r["scores"]["prior"])
+            ) / 2
+    assert np.isclose(blend["wtau"][i][5], np.mean(
+        [metrics.weighted_tau(t, s) for t, s in zip(truth, half)]))
+  val_blend = out["val"]["prior_blend"]
+  for i in range(2):  # The chosen alpha is the best on validation.
+    assert val_blend["chosen"][i] == max(val_blend["wtau"][i])
+  assert len(val_blend["loo_gain"]) == 2
+  assert np.all(np.isfinite(val_blend["loo_gain"]))
   again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True,
                          check=True)
   assert "training the ranker" not in again.stderr
@@ -130,3 +150,26 @@ def test_seed_ensemble_benchmark(tmp_path):
                                    f"--workdir={tmp_path}"], cwd=REPO,
                        capture_output=True, text=True)
   assert bad.returncode != 0 and "--size=2" in bad.stderr
+
+
+def test_prior_blend_choice_and_leave_one_out_gain():
+  """seed_ensemble.best_alpha breaks ties towards the ranker (alpha = 1) and
+  leave_one_out_gain scores each task with the alpha the others chose (run
+  in a subprocess: the benchmark defines absl flags that pool_cv's share)."""
+  code = """
+import numpy as np, seed_ensemble as se
+w = np.zeros((11, 3))
+assert se.best_alpha(w) == 10
+w[10] = 0.5
+w[5] = [0.9, 0.2, 0.9]
+assert se.best_alpha(w) == 5
+# Without task 1, alpha 0.5 wins (0.9 > 0.5); without task 0 or 2 it wins
+# too (0.55 > 0.5): the tasks score 0.9, 0.2, 0.9, i.e. 2/3 against 0.5.
+assert np.isclose(se.leave_one_out_gain(w), 2 / 3 - 0.5)
+w[5] = [0.9, 0.2, 0.2]  # Now only leaving out task 1 or 2 picks 0.5.
+assert np.isclose(se.leave_one_out_gain(w), (0.5 + 0.2 + 0.2) / 3 - 0.5)
+print("ok")
+"""
+  done = subprocess.run([sys.executable, "-c", code], cwd=REPO / "benchmarks",
+                        capture_output=True, text=True)
+  assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-3000:]
