@@ -64,6 +64,10 @@ DEGRADED_POOLS = ("font_latin_lower_ranker_low_resolution",
 # pools.extra_val, so that validation tasks are as varied as the targets.
 DEGRADED_VAL_POOLS = ("font_tamil_ranker_low_resolution",
                       "font_tamil_ranker_thick_strokes")
+# Natural photos (CIFAR-10's test batch, grey, 28 px; `bash
+# launch/install_data.sh --cifar10`), a domain that no PTM and no other pool
+# has: a candidate for pools.extra_val (README, "What we tried").
+CIFAR10_VAL_POOLS = ("cifar10_ranker",)
 SOURCES_FULL = ("fashion_0_4_pretrain", "animal_src_pretrain",
                 "font_latin_upper_pretrain", "font_cyrillic_upper_pretrain")
 
@@ -140,6 +144,10 @@ def get_config(variant: str = "full") -> ml_collections.ConfigDict:
   c.tasks.num_large_train = 0
   c.tasks.num_large_val = 0
   c.tasks.large_min_classes = 12
+  # Large tasks of pools.extra_val too (numbered last), of
+  # large_extra_min_classes..all classes, e.g. of CIFAR10_VAL_POOLS.
+  c.tasks.num_large_extra_val = 0
+  c.tasks.large_extra_min_classes = 5
   c.tasks.seed = 0
   c.tasks.min_classes = 2
   c.tasks.max_classes = 20

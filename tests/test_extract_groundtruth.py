@@ -389,6 +389,50 @@ def test_extra_validation_pools_leave_the_other_tasks_unchanged(tiny):
     extract.task_list(c, pools)
 
 
+def test_large_extra_validation_tasks_come_last_with_whole_classes(tiny):
+  """tasks.num_large_extra_val adds tasks of whole classes of pools.extra_val
+  after every other task, fine-tuned as validation tasks; unused, its fields
+  change no cache key."""
+  cfg, _ = tiny
+  extra = "font_greek_lower_ranker_low_resolution"
+  c = cfg.copy_and_resolve_references()
+  with c.unlocked():
+    c.pools.extra_val = (extra,)
+    c.tasks.num_extra_val = 2
+    c.tasks.num_large_extra_val = 3
+    c.tasks.large_extra_min_classes = 4
+    c.finetune.val_tasks = True
+    c.finetune.task_pools = tuple(cfg.pools.val)
+  pools = extract.build_pools(c)
+  sampled = c.copy_and_resolve_references()
+  with sampled.unlocked():
+    sampled.tasks.num_large_extra_val = 0
+  base, more = (extract.task_list(sampled, pools),
+                extract.task_list(c, pools))
+  key = lambda t: (t.name, t.pool, t.role, tuple(t.rows.tolist())
+                   if t.rows is not None else None)
+  assert [key(t) for t in more[:len(base)]] == [key(t) for t in base]
+  added = more[len(base):]
+  first = cfg.tasks.num_val + 2
+  assert [(t.name, t.pool, t.large) for t in added] == [
+      (f"val_{first + i:03d}", extra, True) for i in range(3)]
+  pool = pools[extra]
+  for t in added:
+    classes = np.unique(pool.labels[t.rows])
+    assert len(classes) >= 4
+    np.testing.assert_array_equal(
+        t.rows, np.flatnonzero(np.isin(pool.labels, classes)))
+  assert [t.name for t in groundtruth.finetuned_tasks(c, more)] == [
+      t.name for t in more if t.role == "val"]
+  _check_keys(cfg, c, pools, [("tasks", "num_large_extra_val"),
+                              ("tasks", "large_extra_min_classes")])
+  with c.unlocked():
+    c.pools.extra_val = ()
+    c.tasks.num_extra_val = 0
+  with pytest.raises(ValueError, match="fix pools.extra_val"):
+    extract.task_list(c, pools)
+
+
 def test_committed_full_table_reproduces():
   """Recomputes committed full-benchmark cells of the cheapest PTM (mlp),
   training that zoo member first when the cache does not hold it."""

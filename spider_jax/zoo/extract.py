@@ -97,13 +97,16 @@ def task_pools(cfg) -> list[str]:
 
 def tasks_key(cfg) -> dict:
   """cfg.tasks for cache keys (without `num_extra_train` / `num_extra_val`
-  when 0, nor the `num_large_*` fields and `large_min_classes` while there
+  / `num_large_extra_val` (with `large_extra_min_classes`) when 0, nor the
+  `num_large_*` fields and `large_min_classes` while there
   are no large tasks, so stores and probes built before those fields
   existed keep their keys)."""
   t = cfg.tasks.to_dict()
-  for field in ("num_extra_train", "num_extra_val"):
+  for field in ("num_extra_train", "num_extra_val", "num_large_extra_val"):
     if not t.get(field):
       t.pop(field, None)
+  if not t.get("num_large_extra_val"):
+    t.pop("large_extra_min_classes", None)
   if not (t.get("num_large_train") or t.get("num_large_val")):
     for field in ("num_large_train", "num_large_val", "large_min_classes"):
       t.pop(field, None)
@@ -468,7 +471,9 @@ def task_list(cfg, pools: Mapping[str, builders.Pool]) -> list[Task]:
   1), then `tasks.num_extra_val` from `pools.extra_val` (seed tasks.seed +
   3). Then the large ones: `tasks.num_large_<role>` tasks of whole classes
   (every row of `tasks.large_min_classes` or more classes) from
-  `pools.<role>` (seeds tasks.seed + 4 and + 5), as large as the targets.
+  `pools.<role>` (seeds tasks.seed + 4 and + 5), as large as the targets,
+  then `tasks.num_large_extra_val` such tasks (`large_extra_min_classes` or
+  more classes) from `pools.extra_val`.
   Extra and large tasks are drawn apart and numbered after the others, so
   adding them leaves every other task, and its cached cells, as it was.
   """
@@ -486,10 +491,32 @@ def task_list(cfg, pools: Mapping[str, builders.Pool]) -> list[Task]:
         own, num_large, seed + 4, min_classes=t.large_min_classes,
         max_classes=max((p.num_classes for p in own.values()), default=0),
         whole_classes=True) if num_large else []
+    if role == "val":
+      large += _large_extra_val_tasks(cfg, pools)
     width = 4 if role == "train" else 3
     out += [Task(f"{role}_{i:0{width}d}", p, role, r, i >= len(base + extra))
             for i, (p, r) in enumerate(base + extra + large)]
   return out
+
+
+def _large_extra_val_tasks(cfg, pools) -> list[tuple[str, np.ndarray]]:
+  """(pool, rows) of the `tasks.num_large_extra_val` tasks of whole classes
+  (`tasks.large_extra_min_classes` or more) of `pools.extra_val` (seed
+  tasks.seed + 6); numbered last."""
+  t = cfg.tasks
+  num = int(t.get("num_large_extra_val", 0))
+  if not num:
+    return []
+  extra = list(cfg.pools.get("extra_val", ()))
+  if not extra:
+    raise ValueError(f"tasks.num_large_extra_val={num} needs pools.extra_val"
+                     " to name at least one pool; fix pools.extra_val.")
+  own = {n: pools[n] for n in extra}
+  return builders.sample_training_tasks(
+      own, num, t.seed + 6,
+      min_classes=t.large_extra_min_classes,
+      max_classes=max(p.num_classes for p in own.values()),
+      whole_classes=True)
 
 
 def _extra_tasks(cfg, pools, role: str, kw) -> list[tuple[str, np.ndarray]]:
