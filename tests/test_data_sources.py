@@ -144,6 +144,12 @@ def test_real_packaged_sources_load():
   x, y = sources.load_fashion_mnist("test")
   assert x.shape == (10000, 28, 28, 1)
   assert np.bincount(y).tolist() == [1000] * 10
+  x, y = sources.load_cifar10()    # installed by install_data.sh --cifar10
+  assert x.shape == (10000, 28, 28, 1) and x.dtype == np.uint8
+  assert np.bincount(y).tolist() == [1000] * 10
+  # CIFAR-10's test batch starts cat, ship, ship, airplane, frog, frog, ...
+  assert y[:8].tolist() == [3, 8, 8, 0, 6, 6, 1, 6]
+  assert 20 < x.mean() < 235 and x.std() > 30   # photos, not a blank sheet
 
 
 def test_missing_packages_name_the_install_command(tmp_path, monkeypatch):
