@@ -259,6 +259,12 @@ def test_finetuned_validation_and_training_tasks(tiny, tmp_path):
     open_or_build_store(t, tmp_path)
 
 
+def _task_key(t):
+  """What identifies a task: name, pool, role and rows."""
+  return (t.name, t.pool, t.role,
+          None if t.rows is None else tuple(t.rows.tolist()))
+
+
 def test_extra_training_pools_leave_the_other_tasks_unchanged(tiny):
   """pools.extra_train / tasks.num_extra_train add training tasks after the
   others, which keep their pools and rows (so their cached cells stay
@@ -274,12 +280,10 @@ def test_extra_training_pools_leave_the_other_tasks_unchanged(tiny):
     c.finetune.val_tasks = True
   pools = extract.build_pools(c)
   base, more = extract.task_list(cfg, pools), extract.task_list(c, pools)
-  key = lambda t: (t.name, t.pool, t.role, None if t.rows is None
-                   else tuple(t.rows.tolist()))
-  before = [key(b) for b in base]
+  before = [_task_key(b) for b in base]
   seen = set(before)
-  added = [t for t in more if key(t) not in seen]
-  assert [key(t) for t in more if key(t) in seen] == before
+  added = [t for t in more if _task_key(t) not in seen]
+  assert [_task_key(t) for t in more if _task_key(t) in seen] == before
   assert [t.name for t in added] == [f"train_{cfg.tasks.num_train + i:04d}"
                                      for i in range(5)]
   assert {t.pool for t in added} == {extra} and all(t.role == "train"
@@ -315,10 +319,8 @@ def test_large_tasks_hold_whole_classes_and_leave_the_others_unchanged(tiny):
                              "font_greek_lower_ranker")
   pools = extract.build_pools(c)
   base, more = extract.task_list(cfg, pools), extract.task_list(c, pools)
-  key = lambda t: (t.name, t.pool, t.role, None if t.rows is None
-                   else tuple(t.rows.tolist()))
-  before = [key(b) for b in base]
-  assert [key(t) for t in more if not t.large] == before
+  before = [_task_key(b) for b in base]
+  assert [_task_key(t) for t in more if not t.large] == before
   large = [t for t in more if t.large]
   assert [t.name for t in large] == (
       [f"train_{cfg.tasks.num_train + i:04d}" for i in range(4)]
@@ -373,9 +375,8 @@ def test_extra_validation_pools_leave_the_other_tasks_unchanged(tiny):
     c.finetune.task_pools = tuple(cfg.pools.val)
   pools = extract.build_pools(c)
   base, more = extract.task_list(cfg, pools), extract.task_list(c, pools)
-  key = lambda t: (t.name, t.pool, t.role, None if t.rows is None
-                   else tuple(t.rows.tolist()))
-  assert [key(t) for t in more[:len(base)]] == [key(t) for t in base]
+  assert ([_task_key(t) for t in more[:len(base)]]
+          == [_task_key(t) for t in base])
   added = more[len(base):]
   assert [(t.name, t.pool, t.role) for t in added] == [
       (f"val_{cfg.tasks.num_val + i:03d}", extra, "val") for i in range(3)]
@@ -390,34 +391,35 @@ def test_extra_validation_pools_leave_the_other_tasks_unchanged(tiny):
 
 
 def test_large_extra_validation_tasks_come_last_with_whole_classes(tiny):
-  """tasks.num_large_extra_val adds tasks of whole classes of pools.extra_val
-  after every other task, fine-tuned as validation tasks; unused, its fields
-  change no cache key."""
+  """Large validation tasks, then pools.extra_val's sampled tasks, then
+  tasks.num_large_extra_val tasks of its whole classes: adding the extra
+  ones renames no other task; all are fine-tuned as validation tasks;
+  unused, the new fields change no cache key."""
   cfg, _ = tiny
   extra = "font_greek_lower_ranker_low_resolution"
-  c = cfg.copy_and_resolve_references()
+  plain = cfg.copy_and_resolve_references()
+  with plain.unlocked():
+    plain.tasks.num_large_val = 2
+    plain.tasks.large_min_classes = 3
+    plain.finetune.val_tasks = True
+    plain.finetune.task_pools = tuple(cfg.pools.val)
+  c = plain.copy_and_resolve_references()
   with c.unlocked():
     c.pools.extra_val = (extra,)
     c.tasks.num_extra_val = 2
     c.tasks.num_large_extra_val = 3
     c.tasks.large_extra_min_classes = 4
-    c.finetune.val_tasks = True
-    c.finetune.task_pools = tuple(cfg.pools.val)
   pools = extract.build_pools(c)
-  sampled = c.copy_and_resolve_references()
-  with sampled.unlocked():
-    sampled.tasks.num_large_extra_val = 0
-  base, more = (extract.task_list(sampled, pools),
-                extract.task_list(c, pools))
-  key = lambda t: (t.name, t.pool, t.role, tuple(t.rows.tolist())
-                   if t.rows is not None else None)
-  assert [key(t) for t in more[:len(base)]] == [key(t) for t in base]
+  base, more = extract.task_list(plain, pools), extract.task_list(c, pools)
+  assert ([_task_key(t) for t in more[:len(base)]]
+          == [_task_key(t) for t in base])
+  assert [t.large for t in base if t.role == "val"][-2:] == [True, True]
   added = more[len(base):]
   first = cfg.tasks.num_val + 2
   assert [(t.name, t.pool, t.large) for t in added] == [
-      (f"val_{first + i:03d}", extra, True) for i in range(3)]
+      (f"val_{first + i:03d}", extra, i >= 2) for i in range(5)]
   pool = pools[extra]
-  for t in added:
+  for t in added[2:]:
     classes = np.unique(pool.labels[t.rows])
     assert len(classes) >= 4
     np.testing.assert_array_equal(

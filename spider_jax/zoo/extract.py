@@ -107,6 +107,9 @@ def tasks_key(cfg) -> dict:
       t.pop(field, None)
   if not t.get("num_large_extra_val"):
     t.pop("large_extra_min_classes", None)
+  if any(t.get(f"num_extra_{r}") and t.get(f"num_large_{r}")
+         for r in ("train", "val")):
+    t["numbering"] = "large_before_extra"  # Names changed for these only.
   if not (t.get("num_large_train") or t.get("num_large_val")):
     for field in ("num_large_train", "num_large_val", "large_min_classes"):
       t.pop(field, None)
@@ -466,16 +469,16 @@ def task_list(cfg, pools: Mapping[str, builders.Pool]) -> list[Task]:
   """Targets (whole pools), then sampled training and validation tasks.
 
   Training tasks: `tasks.num_train` from `pools.train` (seed tasks.seed),
-  then `tasks.num_extra_train` from `pools.extra_train` (seed tasks.seed +
-  2). Validation tasks: `tasks.num_val` from `pools.val` (seed tasks.seed +
-  1), then `tasks.num_extra_val` from `pools.extra_val` (seed tasks.seed +
-  3). Then the large ones: `tasks.num_large_<role>` tasks of whole classes
-  (every row of `tasks.large_min_classes` or more classes) from
-  `pools.<role>` (seeds tasks.seed + 4 and + 5), as large as the targets,
-  then `tasks.num_large_extra_val` such tasks (`large_extra_min_classes` or
-  more classes) from `pools.extra_val`.
-  Extra and large tasks are drawn apart and numbered after the others, so
-  adding them leaves every other task, and its cached cells, as it was.
+  validation tasks: `tasks.num_val` from `pools.val` (seed tasks.seed + 1).
+  Then, numbered on in this order: the large ones, `tasks.num_large_<role>`
+  tasks of whole classes (every row of `tasks.large_min_classes` or more
+  classes) from `pools.<role>` (seeds tasks.seed + 4 and + 5), as large as
+  the targets; `tasks.num_extra_<role>` sampled tasks from
+  `pools.extra_<role>` (seeds tasks.seed + 2 and + 3); and for validation
+  `tasks.num_large_extra_val` large tasks (`large_extra_min_classes` or
+  more classes) of `pools.extra_val`. Each group is drawn apart, so adding
+  one leaves every task before it, and its cached cells (keyed by task
+  name), as it was; a group after it is renamed.
   """
   t = cfg.tasks
   kw = dict(min_classes=t.min_classes, max_classes=t.max_classes,
@@ -485,17 +488,19 @@ def task_list(cfg, pools: Mapping[str, builders.Pool]) -> list[Task]:
     num = t.num_train if role == "train" else t.num_val
     own = {n: pools[n] for n in cfg.pools[role]}
     base = builders.sample_training_tasks(own, num, seed, **kw) if num else []
-    extra = _extra_tasks(cfg, pools, role, kw)
     num_large = int(t.get(f"num_large_{role}", 0))
     large = builders.sample_training_tasks(  # Up to all of a pool's classes.
         own, num_large, seed + 4, min_classes=t.large_min_classes,
         max_classes=max((p.num_classes for p in own.values()), default=0),
         whole_classes=True) if num_large else []
-    if role == "val":
-      large += _large_extra_val_tasks(cfg, pools)
+    extra = _extra_tasks(cfg, pools, role, kw)
+    large_extra = _large_extra_val_tasks(cfg, pools) if role == "val" else []
+    numbered = [(p, r, is_large) for group, is_large in (
+        (base, False), (large, True), (extra, False), (large_extra, True))
+                for p, r in group]
     width = 4 if role == "train" else 3
-    out += [Task(f"{role}_{i:0{width}d}", p, role, r, i >= len(base + extra))
-            for i, (p, r) in enumerate(base + extra + large)]
+    out += [Task(f"{role}_{i:0{width}d}", p, role, r, is_large)
+            for i, (p, r, is_large) in enumerate(numbered)]
   return out
 
 
