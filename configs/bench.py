@@ -202,8 +202,10 @@ def get_config(variant: str = "full") -> ml_collections.ConfigDict:
   # and those of the 16 large training and 6 large validation tasks of
   # tasks.num_large_train=24, num_large_val=12, large_train_tasks=16 (418
   # cells, 85 min), and those of the 11 further large Tamil validation tasks
-  # that num_large_val=36 adds (209 cells, 35 min; README, "What we
-  # tried").
+  # that num_large_val=36 adds (209 cells, 35 min), and those of the 18
+  # CIFAR-10 validation tasks (val_084-val_101) that pools.extra_val=
+  # CIFAR10_VAL_POOLS, num_extra_val=12, num_large_extra_val=6 add to that
+  # (342 cells, 37 min; README, "What we tried").
   c.finetune.extra_train_tasks = 0
   # The first N large training tasks of `task_pools` are fine-tuned too
   # (large validation tasks are validation tasks: `val_tasks`).
