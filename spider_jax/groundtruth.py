@@ -400,7 +400,8 @@ def finetuned_tasks(cfg, tasks: Sequence[extract.Task]
   `finetune.train_tasks` (the first N training tasks of `pools.train`),
   both restricted to the pools of `finetune.task_pools` (() = every pool;
   the tasks of `pools.extra_val` are not), `finetune.extra_train_tasks`
-  (the first N training tasks of `pools.extra_train`) and
+  (the first N training tasks of `pools.extra_train`: its sampled ones,
+  then its large ones) and
   `finetune.large_train_tasks` (the first N large training tasks of
   `finetune.task_pools`); validation first. `train_tasks` counts the
   sampled tasks only.

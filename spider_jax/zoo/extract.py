@@ -97,15 +97,17 @@ def task_pools(cfg) -> list[str]:
 
 def tasks_key(cfg) -> dict:
   """cfg.tasks for cache keys (without `num_extra_train` / `num_extra_val`
-  / `num_large_extra_val` (with `large_extra_min_classes`) when 0, nor the
+  / `num_large_extra_train` / `num_large_extra_val` when 0 (nor
+  `large_extra_min_classes` while both are), nor the
   `num_large_*` fields and `large_min_classes` while there
   are no large tasks, so stores and probes built before those fields
   existed keep their keys)."""
   t = cfg.tasks.to_dict()
-  for field in ("num_extra_train", "num_extra_val", "num_large_extra_val"):
+  for field in ("num_extra_train", "num_extra_val", "num_large_extra_train",
+                "num_large_extra_val"):
     if not t.get(field):
       t.pop(field, None)
-  if not t.get("num_large_extra_val"):
+  if not (t.get("num_large_extra_train") or t.get("num_large_extra_val")):
     t.pop("large_extra_min_classes", None)
   if any(t.get(f"num_extra_{r}") and t.get(f"num_large_{r}")
          for r in ("train", "val")):
@@ -474,9 +476,9 @@ def task_list(cfg, pools: Mapping[str, builders.Pool]) -> list[Task]:
   tasks of whole classes (every row of `tasks.large_min_classes` or more
   classes) from `pools.<role>` (seeds tasks.seed + 4 and + 5), as large as
   the targets; `tasks.num_extra_<role>` sampled tasks from
-  `pools.extra_<role>` (seeds tasks.seed + 2 and + 3); and for validation
-  `tasks.num_large_extra_val` large tasks (`large_extra_min_classes` or
-  more classes) of `pools.extra_val`. Each group is drawn apart, so adding
+  `pools.extra_<role>` (seeds tasks.seed + 2 and + 3); and
+  `tasks.num_large_extra_<role>` large tasks (`large_extra_min_classes` or
+  more classes) of `pools.extra_<role>`. Each group is drawn apart, so adding
   one leaves every task before it, and its cached cells (keyed by task
   name), as it was; a group after it is renamed.
   """
@@ -494,7 +496,7 @@ def task_list(cfg, pools: Mapping[str, builders.Pool]) -> list[Task]:
         max_classes=max((p.num_classes for p in own.values()), default=0),
         whole_classes=True) if num_large else []
     extra = _extra_tasks(cfg, pools, role, kw)
-    large_extra = _large_extra_val_tasks(cfg, pools) if role == "val" else []
+    large_extra = _large_extra_tasks(cfg, pools, role)
     numbered = [(p, r, is_large) for group, is_large in (
         (base, False), (large, True), (extra, False), (large_extra, True))
                 for p, r in group]
@@ -504,21 +506,23 @@ def task_list(cfg, pools: Mapping[str, builders.Pool]) -> list[Task]:
   return out
 
 
-def _large_extra_val_tasks(cfg, pools) -> list[tuple[str, np.ndarray]]:
-  """(pool, rows) of the `tasks.num_large_extra_val` tasks of whole classes
-  (`tasks.large_extra_min_classes` or more) of `pools.extra_val` (seed
-  tasks.seed + 6); numbered last."""
+def _large_extra_tasks(cfg, pools, role: str
+                       ) -> list[tuple[str, np.ndarray]]:
+  """(pool, rows) of the `tasks.num_large_extra_<role>` tasks of whole
+  classes (`tasks.large_extra_min_classes` or more) of `pools.extra_<role>`
+  (role "val": seed tasks.seed + 6; "train": + 7); numbered last."""
   t = cfg.tasks
-  num = int(t.get("num_large_extra_val", 0))
+  num = int(t.get(f"num_large_extra_{role}", 0))
   if not num:
     return []
-  extra = list(cfg.pools.get("extra_val", ()))
+  extra = list(cfg.pools.get(f"extra_{role}", ()))
   if not extra:
-    raise ValueError(f"tasks.num_large_extra_val={num} needs pools.extra_val"
-                     " to name at least one pool; fix pools.extra_val.")
+    raise ValueError(f"tasks.num_large_extra_{role}={num} needs "
+                     f"pools.extra_{role} to name at least one pool; fix "
+                     f"pools.extra_{role}.")
   own = {n: pools[n] for n in extra}
   return builders.sample_training_tasks(
-      own, num, t.seed + 6,
+      own, num, t.seed + (6 if role == "val" else 7),
       min_classes=t.large_extra_min_classes,
       max_classes=max(p.num_classes for p in own.values()),
       whole_classes=True)
