@@ -210,7 +210,10 @@ def get_config(variant: str = "full") -> ml_collections.ConfigDict:
   # that num_large_val=36 adds (209 cells, 35 min), and those of the 18
   # CIFAR-10 validation tasks (val_084-val_101) that pools.extra_val=
   # CIFAR10_VAL_POOLS, num_extra_val=12, num_large_extra_val=6 add to that
-  # (342 cells, 37 min; README, "What we tried").
+  # (342 cells, 37 min), and those of the 12 large CIFAR-10 training tasks
+  # (train_0324-train_0335) that pools.extra_train=CIFAR10_TRAIN_POOLS,
+  # num_large_extra_train=12, extra_train_tasks=12 add to that (228 cells,
+  # 40 min; README, "What we tried").
   c.finetune.extra_train_tasks = 0
   # The first N large training tasks of `task_pools` are fine-tuned too
   # (large validation tasks are validation tasks: `val_tasks`).
