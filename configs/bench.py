@@ -34,6 +34,8 @@ import os
 
 import ml_collections
 
+from spider_jax.data import fonts
+
 TARGETS_FULL = (
     "font_digits_target", "font_greek_upper_target", "font_armenian_target",
     "font_georgian_target", "font_hebrew_target", "font_math_arrows_target",
@@ -71,6 +73,10 @@ CIFAR10_VAL_POOLS = ("cifar10_ranker",)
 # Other CIFAR-10 photos (training batch 1), same classes: a candidate for
 # pools.extra_train (large tasks: tasks.num_large_extra_train).
 CIFAR10_TRAIN_POOLS = ("cifar10_train_ranker",)
+# Glyphs of ten scripts that no other pool, PTM or target uses (Ethiopic,
+# Sinhala, ..., geometric shapes; fonts.EXTRA_SCRIPTS), in the ranker
+# group's fonts: candidates for pools.extra_train (more training domains).
+EXTRA_SCRIPT_POOLS = tuple(f"font_{s}_ranker" for s in fonts.EXTRA_SCRIPTS)
 SOURCES_FULL = ("fashion_0_4_pretrain", "animal_src_pretrain",
                 "font_latin_upper_pretrain", "font_cyrillic_upper_pretrain")
 

@@ -425,3 +425,32 @@ def test_cifar10_pool_specs_have_their_own_sources():
   for spec in (val, train):
     assert spec.source not in {s.source for s in specs.values()
                                if s.name != spec.name}
+
+
+def test_extra_scripts_are_new_classes_and_leave_the_font_split_unchanged(
+    all_fonts, monkeypatch):
+  from configs import bench  # pylint: disable=g-import-not-at-top
+  extra = fonts_lib.EXTRA_SCRIPTS
+  used = {s for g in fonts_lib.GROUP_USES.values() for s in g}
+  assert len(set(extra)) == 10 and not set(extra) & used
+  for s in extra:  # No code point of another character set.
+    others = "".join(c for k, c in fonts_lib.CHARSETS.items() if k != s)
+    assert not set(fonts_lib.CHARSETS[s]) & set(others), s
+  split = fonts_lib.split_font_families(all_fonts)
+  monkeypatch.setattr(fonts_lib, "CHARSETS", {
+      k: v for k, v in fonts_lib.CHARSETS.items() if k not in extra})
+  assert fonts_lib.split_font_families(all_fonts) == split
+  monkeypatch.undo()
+  # Every class renders from the ranker group's fonts alone.
+  for s in extra:
+    use = fonts_lib.fonts_for(all_fonts, fonts_lib.CHARSETS[s],
+                              group="ranker", family_groups=split)
+    ds = fonts_lib.render_dataset(fonts_lib.CHARSETS[s], use, per_class=1,
+                                  seed=0)
+    assert len(set(ds.labels.tolist())) == len(fonts_lib.CHARSETS[s]) >= 25
+  specs = {p.name: p for p in builders.pool_specs(1.0)}
+  for name in bench.EXTRA_SCRIPT_POOLS:
+    assert specs[name].role == "train" and specs[name].source.group == "ranker"
+  cfg = bench.get_config("default")
+  assert not set(bench.EXTRA_SCRIPT_POOLS) & set(
+      cfg.pools.train + cfg.pools.val + cfg.pools.targets)

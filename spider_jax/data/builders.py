@@ -453,6 +453,9 @@ def pool_specs(scale: float = 1.0) -> list[PoolSpec]:
       # Other photos of the same classes (training batch 1): a candidate
       # for pools.extra_train while cifar10_ranker validates.
       PoolSpec("cifar10_train_ranker", "train", CIFAR10_TRAIN, None, n(150)),
+      # Ten scripts that no other pool uses, in the ranker group's fonts
+      # (mostly FreeSerif): candidates for pools.extra_train.
+      *(font(s, "ranker", 40, "train") for s in fonts_lib.EXTRA_SCRIPTS),
       # Targets (held-out fonts, datasets and classes).
       font("digits", "target", 150, "target"),
       font("greek_upper", "target", 60, "target"),

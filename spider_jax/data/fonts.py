@@ -72,6 +72,27 @@ CHARSETS: dict[str, str] = {
     "arrows": "←↑→↓↔↕↖↗↘↙⇐⇑⇒⇓⇔",
 }
 CHARSETS["math_arrows"] = CHARSETS["math"] + CHARSETS["arrows"]
+# Scripts that no group uses (not in GROUP_USES, so adding them left the
+# family split unchanged) and whose glyphs look like no target's or PTM's
+# classes (so not Coptic, Greek-like capitals, or Cherokee, Latin-like): the
+# "ranker" group's fonts that cover them (mostly FreeSerif) give training
+# pools of ten more writing systems, candidates for pools.extra_train
+# (README "What we tried").
+EXTRA_SCRIPTS = ("ethiopic", "sinhala", "gurmukhi", "malayalam", "gujarati",
+                 "thaana", "syriac", "tifinagh", "vai", "geometric")
+CHARSETS.update({
+    # Ethiopic: the first (ä) form of each of the 43 consonant rows.
+    "ethiopic": "".join(chr(c) for c in range(0x1200, 0x1358, 8)),
+    "sinhala": _r(0xD9A, 0xDC6, skip=[0xDB2, 0xDBC, 0xDBE, 0xDBF]),
+    "gurmukhi": _r(0xA15, 0xA39, skip=[0xA29, 0xA31, 0xA34, 0xA37]),
+    "malayalam": _r(0xD15, 0xD39),
+    "gujarati": _r(0xA95, 0xAB9, skip=[0xAA9, 0xAB1, 0xAB4]),
+    "thaana": _r(0x780, 0x7A5),
+    "syriac": _r(0x710, 0x72C),
+    "tifinagh": _r(0x2D30, 0x2D65),
+    "vai": _r(0xA500, 0xA52B),  # the first 44 Vai syllables
+    "geometric": _r(0x25A0, 0x25D0),  # geometric shapes
+})
 
 # Which group uses which character set (see builders.POOL_SPECS). The family
 # split balances these so that every group gets fonts for the sets it uses.
