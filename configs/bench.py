@@ -219,7 +219,10 @@ def get_config(variant: str = "full") -> ml_collections.ConfigDict:
   # (342 cells, 37 min), and those of the 12 large CIFAR-10 training tasks
   # (train_0324-train_0335) that pools.extra_train=CIFAR10_TRAIN_POOLS,
   # num_large_extra_train=12, extra_train_tasks=12 add to that (228 cells,
-  # 40 min; README, "What we tried").
+  # 40 min), and those of the 40 training tasks of EXTRA_SCRIPT_POOLS
+  # (train_0300-train_0339 of the default's tasks plus pools.extra_train=
+  # EXTRA_SCRIPT_POOLS, num_extra_train=40, extra_train_tasks=40: 760
+  # cells, 66 min; README, "What we tried").
   c.finetune.extra_train_tasks = 0
   # The first N large training tasks of `task_pools` are fine-tuned too
   # (large validation tasks are validation tasks: `val_tasks`).
