@@ -49,8 +49,8 @@ VAL_POOLS_FULL = ("font_tamil_ranker", "animal_src_ranker")
 # Ranker pools whose classes are some PTMs' own pretraining classes (other
 # images or fonts of them). Their tasks teach "a PTM is best on its own
 # classes", which never holds on the targets (all classes are new to every
-# PTM), so the ranker leaves them out (configs/rank.py; measured: README,
-# "What we tried") and the default benchmark fine-tunes no task of them.
+# PTM), so the ranker leaves them out (configs/rank.py; measured:
+# docs/what_we_tried.md) and the default benchmark fine-tunes no task of them.
 SOURCE_SIDE_POOLS = ("font_latin_upper_ranker", "fashion_0_4_ranker",
                      "animal_src_ranker")
 # Pools whose validation / training tasks `default` fine-tunes.
@@ -68,7 +68,7 @@ DEGRADED_VAL_POOLS = ("font_tamil_ranker_low_resolution",
                       "font_tamil_ranker_thick_strokes")
 # Natural photos (CIFAR-10's test batch, grey, 28 px; `bash
 # launch/install_data.sh --cifar10`), a domain that no PTM and no other pool
-# has: a candidate for pools.extra_val (README, "What we tried").
+# has: a candidate for pools.extra_val (docs/what_we_tried.md).
 CIFAR10_VAL_POOLS = ("cifar10_ranker",)
 # Other CIFAR-10 photos (training batch 1), same classes: a candidate for
 # pools.extra_train (large tasks: tasks.num_large_extra_train).
@@ -201,15 +201,15 @@ def get_config(variant: str = "full") -> ml_collections.ConfigDict:
   # gets its own cache key. `default` has the 24 validation tasks and the
   # first 90 training tasks of FINETUNED_TASK_POOLS (cells committed in
   # results/bench/default; 2,166 cells, 141 min of cell time on 2 cores:
-  # README, "What we tried").
+  # docs/what_we_tried.md).
   c.finetune.val_tasks = variant == "default"
   c.finetune.train_tasks = 90 if variant == "default" else 0
   c.finetune.task_pools = FINETUNED_TASK_POOLS if variant == "default" else ()
   # The first N tasks of pools.extra_train are fine-tuned too. The
   # committed results/bench/default also holds the cells of the first 40
-  # tasks of DEGRADED_POOLS (760 cells, 53 min of cell time; README, "What
-  # we tried"), which `default` does not use, and those of the 50
-  # training tasks that train_tasks=140 adds (950 cells, 81 min; README),
+  # tasks of DEGRADED_POOLS (760 cells, 53 min of cell time), which
+  # `default` does not use, and those of the 50 training tasks that
+  # train_tasks=140 adds (950 cells, 81 min; both: docs/what_we_tried.md),
   # and those of the 16 large training and 6 large validation tasks of
   # tasks.num_large_train=24, num_large_val=12, large_train_tasks=16 (418
   # cells, 85 min), and those of the 11 further large Tamil validation tasks
@@ -222,7 +222,7 @@ def get_config(variant: str = "full") -> ml_collections.ConfigDict:
   # 40 min), and those of the 40 training tasks of EXTRA_SCRIPT_POOLS
   # (train_0300-train_0339 of the default's tasks plus pools.extra_train=
   # EXTRA_SCRIPT_POOLS, num_extra_train=40, extra_train_tasks=40: 760
-  # cells, 66 min; README, "What we tried").
+  # cells, 66 min; docs/what_we_tried.md).
   c.finetune.extra_train_tasks = 0
   # The first N large training tasks of `task_pools` are fine-tuned too
   # (large validation tasks are validation tasks: `val_tasks`).

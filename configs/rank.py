@@ -7,7 +7,7 @@ Variants (ranker training config of configs/train.py, and the data):
             the 90 training and 24 validation tasks with fine-tuned ground
             truth), ranked against the committed fine-tune ground truth
             (results/bench/default); the `default` ranker at d = 16 (chosen
-            on the validation tasks: README, "What we tried").
+            on the validation tasks: docs/what_we_tried.md).
   tiny      CI: configs/bench.py:tiny (3 PTMs, 3 targets, 20 training
             tasks) and the `tiny` ranker.
   full      configs/bench.py:full (the default benchmark plus the
@@ -68,7 +68,7 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
   c.variant = variant
   if variant == "default":
     # Mean weighted tau on its 24 validation tasks (3 seeds): d = 8 0.813,
-    # 16 0.837, 32 0.834, 64 0.833 (README, "What we tried").
+    # 16 0.837, 32 0.834, 64 0.833 (docs/what_we_tried.md).
     c.model.dim = 16
   if bench_variant:
     c.bench = bench.get_config(bench_variant)

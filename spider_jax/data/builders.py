@@ -436,7 +436,7 @@ def pool_specs(scale: float = 1.0) -> list[PoolSpec]:
       font("bengali", "ranker", 45, "train"),
       font("tamil", "ranker", 50, "train"),
       # The same glyphs degraded towards the natural targets (not in the
-      # default pool lists; see README "What we tried").
+      # default pool lists; see docs/what_we_tried.md).
       font("latin_lower", "ranker", 60, "train", "low_resolution"),
       font("greek_lower", "ranker", 60, "train", "low_resolution"),
       font("cyrillic_lower", "ranker", 50, "train", "thick_strokes"),

@@ -77,7 +77,7 @@ CHARSETS["math_arrows"] = CHARSETS["math"] + CHARSETS["arrows"]
 # classes (so not Coptic, Greek-like capitals, or Cherokee, Latin-like): the
 # "ranker" group's fonts that cover them (mostly FreeSerif) give training
 # pools of ten more writing systems, candidates for pools.extra_train
-# (README "What we tried").
+# (docs/what_we_tried.md).
 EXTRA_SCRIPTS = ("ethiopic", "sinhala", "gurmukhi", "malayalam", "gujarati",
                  "thaana", "syriac", "tifinagh", "vai", "geometric")
 CHARSETS.update({
