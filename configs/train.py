@@ -79,6 +79,12 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
   c.lr_min = 5e-6
   c.k_max = 10           # Training draws k ~ U{0..k_max} per batch.
   c.min_keep = 0.5       # Each class keeps a random fraction >= this.
+  # Position weights of the ranking loss (spider_jax.losses): "uniform"
+  # (official) or "hyperbolic" (1 / (1 + rank), the metric's weigher).
+  c.loss_weighting = "uniform"
+  # Accuracy gap (ground-truth units, e.g. points) below which the loss
+  # leaves two PTMs unordered; 0 = exact ties only (official).
+  c.loss_tie_margin = 0.0
   c.keep_latest = 2      # Checkpoints: N latest + the best on validation.
   c.eval_batch_size = 16
   c.stop_after_steps = -1  # > 0: stop early (simulates a preemption).

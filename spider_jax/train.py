@@ -30,8 +30,8 @@ from spider_jax import checkpoint, metrics, sharding
 from spider_jax.data.sampler import TrainingSampler
 from spider_jax.data.store import FeatureStore
 from spider_jax.data.synthetic import SyntheticSpec, write_synthetic_store
-from spider_jax.losses import (loss_denominator, plackett_luce_loss,
-                               plackett_luce_terms)
+from spider_jax.losses import (WEIGHTINGS, loss_denominator,
+                               plackett_luce_loss, plackett_luce_terms)
 from spider_jax.model import FitnessTransformer, ModelConfig
 from spider_jax.scoring import (Scorer, ZooInfo, batch_slots,
                                 score_depths, split_chunks)
@@ -168,7 +168,8 @@ def _fixed_order_sum(stacked):
   return total
 
 
-def exact_loss_and_grad(graphdef, params, batch, key, chunk: int, mesh):
+def exact_loss_and_grad(graphdef, params, batch, key, chunk: int, mesh,
+                        loss_options: dict | None = None):
   """Loss and gradients whose floats do not depend on the device layout.
 
   The batch is cut into chunks of `chunk` tasks; `lax.map` runs the same
@@ -184,6 +185,8 @@ def exact_loss_and_grad(graphdef, params, batch, key, chunk: int, mesh):
     key: the step's dropout key.
     chunk: tasks per chunk; must divide B / data-parallel devices.
     mesh: the training mesh.
+    loss_options: keyword arguments of `plackett_luce_terms` (weighting,
+      tie_margin).
 
   Returns:
     (loss [], grads like params), equal in value to `plackett_luce_loss`
@@ -203,7 +206,9 @@ def exact_loss_and_grad(graphdef, params, batch, key, chunk: int, mesh):
     def loss_sum(p):
       scores = nnx.merge(graphdef, p)(c["u"], c["u_mask"], batch_slots(c),
                                       rng=jax.random.fold_in(key, i))
-      return jnp.sum(plackett_luce_terms(scores, c["gt"]) * c["weight"])
+      return jnp.sum(plackett_luce_terms(scores, c["gt"],
+                                         **(loss_options or {})) *
+                     c["weight"])
     return jax.value_and_grad(loss_sum)(params)
 
   sums = jax.lax.with_sharding_constraint(
@@ -217,12 +222,14 @@ def exact_loss_and_grad(graphdef, params, batch, key, chunk: int, mesh):
       (loss / denom, jax.tree.map(lambda g: g / denom, grads)))
 
 
-def make_train_step(graphdef, tx, mesh, exact_chunk: int = 0):
+def make_train_step(graphdef, tx, mesh, exact_chunk: int = 0,
+                    loss_options: dict | None = None):
   """The jitted, donated step: (params, train_state, batch, key) -> new.
 
   exact_chunk > 0 computes the loss and gradients with
   `exact_loss_and_grad` (same floats on any device layout); 0 lets XLA sum
-  over the whole batch (faster; layouts agree to rounding).
+  over the whole batch (faster; layouts agree to rounding). loss_options
+  are keyword arguments of the loss (weighting, tie_margin).
   """
   rep = sharding.replicated(mesh)
 
@@ -232,12 +239,13 @@ def make_train_step(graphdef, tx, mesh, exact_chunk: int = 0):
     key = jax.random.fold_in(key, train_state["step"])
     if exact_chunk:
       loss, grads = exact_loss_and_grad(graphdef, params, batch, key,
-                                        exact_chunk, mesh)
+                                        exact_chunk, mesh, loss_options)
     else:
       def loss_fn(p):
         scores = nnx.merge(graphdef, p)(batch["u"], batch["u_mask"],
                                         batch_slots(batch), rng=key)
-        return plackett_luce_loss(scores, batch["gt"], batch["weight"])
+        return plackett_luce_loss(scores, batch["gt"], batch["weight"],
+                                  **(loss_options or {}))
       loss, grads = jax.value_and_grad(loss_fn)(params)
     updates, opt = tx.update(grads, train_state["opt"], params)
     params = optax.apply_updates(params, updates)
@@ -352,6 +360,11 @@ def train(config: ml_collections.ConfigDict, workdir,
   `open_or_build_store(config, workdir)`) lets a caller pass the store it
   already opened.
   """
+  if config.loss_weighting not in WEIGHTINGS or config.loss_tie_margin < 0:
+    raise ValueError(
+        f"--config.loss_weighting={config.loss_weighting!r} / "
+        f"--config.loss_tie_margin={config.loss_tie_margin}: use one of "
+        f"{WEIGHTINGS} and a margin >= 0 (accuracy points).")
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   if store is None:
@@ -403,7 +416,10 @@ def train(config: ml_collections.ConfigDict, workdir,
       start = int(train_state["step"])
       val = meta.get("val", {})
       logging.info("Resumed from step %d", start)
-    step_fn = make_train_step(graphdef, tx, mesh, config.exact_chunk)
+    step_fn = make_train_step(
+        graphdef, tx, mesh, config.exact_chunk,
+        dict(weighting=config.loss_weighting,
+             tie_margin=config.loss_tie_margin))
     scorer = Scorer(graphdef, params, mesh=mesh,
                     batch_size=config.eval_batch_size,
                     exact_chunk=config.exact_chunk)

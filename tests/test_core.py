@@ -235,14 +235,20 @@ def test_dropout_only_in_training_mode():
 # ---------------------------------------------------------------- loss
 
 
-def numpy_plackett_luce(scores, gt):
+def numpy_plackett_luce(scores, gt, margin=0.0, hyperbolic=False):
   """Plain reference: PL with strict order, averaging over tie orders is
-  NOT what we do; ties: competitors = self + strictly worse."""
+  NOT what we do; ties: competitors = self + worse by more than margin.
+  hyperbolic: term i times 1 / (1 + #better), rescaled to sum to M."""
   total = 0.0
   for s, g in zip(scores, gt):
-    for i in range(len(s)):
-      comp = [l for l in range(len(s)) if l == i or g[l] < g[i]]
-      total += -s[i] + np.log(np.sum(np.exp(s[comp])))
+    m = len(s)
+    w = np.ones(m)
+    if hyperbolic:
+      w = np.array([1.0 / (1 + np.sum(g > g[i] + margin)) for i in range(m)])
+      w *= m / w.sum()
+    for i in range(m):
+      comp = [l for l in range(m) if l == i or g[l] < g[i] - margin]
+      total += w[i] * (-s[i] + np.log(np.sum(np.exp(s[comp]))))
   return total / (scores.shape[0] * (scores.shape[1] - 1))
 
 
@@ -257,14 +263,18 @@ def official_listmle(scores, gt):
   return total / (scores.shape[0] * (scores.shape[1] - 1))
 
 
-def test_loss_matches_numpy_with_ties():
+@pytest.mark.parametrize("weighting", ["uniform", "hyperbolic"])
+def test_loss_matches_numpy_with_ties(weighting):
   rng = np.random.default_rng(0)
   for _ in range(20):
     m = int(rng.integers(2, 9))
     s = rng.normal(size=(4, m))
     g = rng.integers(0, 4, size=(4, m)).astype(float)  # Many ties.
-    got = plackett_luce_loss(jnp.asarray(s), jnp.asarray(g))
-    np.testing.assert_allclose(got, numpy_plackett_luce(s, g), rtol=1e-5)
+    got = plackett_luce_loss(jnp.asarray(s), jnp.asarray(g),
+                             weighting=weighting)
+    np.testing.assert_allclose(
+        got, numpy_plackett_luce(s, g, hyperbolic=weighting == "hyperbolic"),
+        rtol=1e-5)
 
 
 def test_loss_without_ties_is_the_official_listmle():
@@ -286,6 +296,40 @@ def test_loss_ignores_order_within_ties_and_has_finite_grads():
   assert np.all(np.isfinite(grads))
   big = jax.grad(lambda x: plackett_luce_loss(x, g))(s * 1e4)
   assert np.all(np.isfinite(big))
+
+
+def test_hyperbolic_loss_weights_the_top():
+  # Relative to the official loss, the hyperbolic one charges more for
+  # misplacing the best PTM than for misplacing the worst two.
+  g = jnp.array([[3.0, 2.0, 1.0, 0.0]])
+  top_wrong = jnp.array([[0.0, 2.0, 1.0, -1.0]])     # best and second swapped
+  bottom_wrong = jnp.array([[2.0, 1.0, -1.0, 0.0]])  # last two swapped
+  ratio = lambda x: (plackett_luce_loss(x, g, weighting="hyperbolic") /
+                     plackett_luce_loss(x, g))
+  assert ratio(top_wrong) > 1.0 > ratio(bottom_wrong)
+  with pytest.raises(ValueError, match="unknown loss weighting"):
+    plackett_luce_loss(top_wrong, g, weighting="linear")
+
+
+def test_tie_margin_leaves_near_ties_unordered():
+  rng = np.random.default_rng(3)
+  s = rng.normal(size=(4, 7))
+  g = rng.uniform(50, 90, size=(4, 7))
+  for weighting in ("uniform", "hyperbolic"):
+    np.testing.assert_allclose(
+        plackett_luce_loss(jnp.asarray(s), jnp.asarray(g),
+                           weighting=weighting, tie_margin=5.0),
+        numpy_plackett_luce(s, g, margin=5.0,
+                            hyperbolic=weighting == "hyperbolic"), rtol=1e-5)
+  # 80.0 and 78.5 are within the margin: their order costs nothing.
+  g = jnp.array([[80.0, 78.5, 60.0]])
+  s = jnp.array([[0.3, 1.0, -0.5]])
+  swapped = s[:, jnp.array([1, 0, 2])]
+  np.testing.assert_allclose(plackett_luce_loss(s, g, tie_margin=2.0),
+                             plackett_luce_loss(swapped, g, tie_margin=2.0),
+                             rtol=1e-6)
+  assert plackett_luce_loss(s, g) > plackett_luce_loss(swapped, g)
+  assert float(plackett_luce_loss(s, g, tie_margin=100.0)) == 0.0
 
 
 def test_loss_task_weights_drop_padding():

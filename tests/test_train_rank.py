@@ -1,5 +1,6 @@
 """End to end on the synthetic store: train, preempt, resume, rank, reload."""
 
+import json
 import pathlib
 import shutil
 import subprocess
@@ -245,6 +246,34 @@ def test_prototype_spread_tokens_train_and_reload(small_store, tiny_config,
       res.scores, score_tasks(ranker.scorer, [task], ranker.zoo, k=0)[0],
       rtol=1e-6)
   assert np.all(np.isfinite(res.scores))
+
+
+def test_loss_options_train_and_bad_values_fail_first(small_store,
+                                                      tiny_config, tmp_path):
+  """loss_weighting / loss_tie_margin reach the loss: a run with both
+  logs finite losses that differ from the official loss's from the first
+  step; a bad value is refused before anything is written."""
+  losses = {}
+  for name, weighting, margin in (("official", "uniform", 0.0),
+                                  ("options", "hyperbolic", 2.0)):
+    cfg = tiny_config.copy_and_resolve_references()
+    with cfg.unlocked():
+      cfg.store = str(small_store.path)
+      cfg.epochs = 1
+      cfg.loss_weighting, cfg.loss_tie_margin = weighting, margin
+    train(cfg, tmp_path / name)
+    log = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+    losses[name] = [json.loads(l)["loss"] for l in log if '"loss"' in l]
+  assert np.all(np.isfinite(losses["options"]))
+  assert losses["options"][0] != losses["official"][0]
+  for weighting, margin in (("linear", 0.0), ("uniform", -1.0)):
+    cfg = tiny_config.copy_and_resolve_references()
+    with cfg.unlocked():
+      cfg.store = str(small_store.path)
+      cfg.loss_weighting, cfg.loss_tie_margin = weighting, margin
+    with pytest.raises(ValueError, match="loss_tie_margin"):
+      train(cfg, tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()
 
 
 def test_best_step_survives_a_new_manager(tmp_path):
