@@ -100,6 +100,20 @@ def task_metrics(ground_truth, scores) -> dict[str, float]:
   }
 
 
+def paired_difference(values, reference) -> dict[str, float | None]:
+  """Mean of values - reference over paired items, with its standard error.
+
+  Args:
+    values, reference: [T] per-task figures of two methods on the same tasks.
+
+  Returns:
+    {"mean": mean difference, "se": std(ddof=1) / sqrt(T), None if T < 2}.
+  """
+  d = np.asarray(values, np.float64) - np.asarray(reference, np.float64)
+  se = float(d.std(ddof=1) / np.sqrt(d.size)) if d.size > 1 else None
+  return {"mean": float(d.mean()), "se": se}
+
+
 def constant_prior(ground_truth_rows) -> np.ndarray:
   """Each PTM's mean rank over tasks: the task-agnostic "average ranking".
 

@@ -101,9 +101,11 @@ def rank(config, workdir) -> dict:
   Returns:
     {"k": depth used, "tasks": [...], "methods": [...], "scores":
      {method: [T, M]}, "metrics": {method: {task: {metric: value}}},
-     "mean": {method: {metric: value}}, "seconds_per_task": {method:
-     {"forward": s, "method": s, "total": s}} (mean over tasks; forward =
-     the recorded cost of the network passes the method needs)}.
+     "mean": {method: {metric: value}}, "vs_prior": {method: {"mean", "se"}}
+     (weighted tau minus the prior's, paired over tasks; when "prior" is
+     ranked), "seconds_per_task": {method: {"forward": s, "method": s,
+     "total": s}} (mean over tasks; forward = the recorded cost of the
+     network passes the method needs)}.
   """
   workdir = pathlib.Path(workdir)
   methods = parse_methods(config.rank.methods)
@@ -188,7 +190,7 @@ def rank(config, workdir) -> dict:
             "tasks": names, "ptm_names": ptms,
             "methods": list(scores), "seconds_per_task": seconds,
             "scores": {m: s.tolist() for m, s in scores.items()},
-            "ground_truth": {}, "metrics": {}, "mean": {}}
+            "ground_truth": {}, "metrics": {}, "mean": {}, "vs_prior": {}}
   have_gt = all(t in gt.tasks for t in names)
   if have_gt:
     rows = {n: gt.row(n, store.ptm_names) for n in names}
@@ -199,6 +201,11 @@ def rank(config, workdir) -> dict:
       report["metrics"][m] = per
       report["mean"][m] = {key: float(np.mean([v[key] for v in per.values()]))
                            for key in next(iter(per.values()))}
+    if "prior" in scores:
+      wtau = lambda m: [report["metrics"][m][n]["weighted_tau"] for n in names]
+      report["vs_prior"] = {m: metrics.paired_difference(wtau(m),
+                                                         wtau("prior"))
+                            for m in scores}
   if jax.process_index() == 0:
     write_outputs(report, workdir / "rank", plots=config.rank.plots)
   return report
@@ -262,16 +269,20 @@ def format_report(report: dict) -> str:
   tasks = report["tasks"]
   width = max(len(m) for m in methods) + 2
   short = [t.replace("_target", "")[:7] for t in tasks]
+  vs = report.get("vs_prior", {})
   head = ("method".ljust(width) + "".join(f"{t:>8}" for t in short)
-          + "".join(f"{h:>10}" for h in ("wtau", "rel@1", "regret", "s/task")))
-  lines = ["weighted tau per task, then means over the tasks", head,
-           "-" * len(head)]
+          + f"{'wtau':>10}" + (f"{'vs prior (SE)':>17}" if vs else "")
+          + "".join(f"{h:>10}" for h in ("rel@1", "regret", "s/task")))
+  lines = ["weighted tau per task, then means over the tasks"
+           + ("; vs prior = mean difference from the constant prior, paired "
+              "over the tasks" if vs else ""), head, "-" * len(head)]
   for m in methods:
     mean = report["mean"][m]
     lines.append(m.ljust(width) + "".join(
         f"{report['metrics'][m][t]['weighted_tau']:>8.3f}" for t in tasks)
-        + f"{mean['weighted_tau']:>10.3f}{mean['rel@1']:>10.3f}"
-        f"{mean['regret@1']:>10.2f}"
+        + f"{mean['weighted_tau']:>10.3f}"
+        + (f"{report_lib.difference(vs[m]):>17}" if vs else "")
+        + f"{mean['rel@1']:>10.3f}{mean['regret@1']:>10.2f}"
         f"{report['seconds_per_task'][m]['total']:>10.3g}")
   return "\n".join(lines)
 

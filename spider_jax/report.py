@@ -15,10 +15,16 @@ from matplotlib.figure import Figure
 from spider_jax import metrics
 from spider_jax.data.store import atomic_write_text
 
-__all__ = ["markdown", "write_markdown", "write_plots"]
+__all__ = ["difference", "markdown", "write_markdown", "write_plots"]
 
 METRICS = (("weighted_tau", "mean wtau"), ("rel@1", "mean rel@1"),
            ("regret@1", "mean regret@1"))
+
+
+def difference(d: dict) -> str:
+  """'+0.001 (0.012)': a `metrics.paired_difference` and its SE."""
+  se = "-" if d["se"] is None else f"{d['se']:.3f}"
+  return f"{d['mean']:+.3f} ({se})"
 
 
 def markdown(report: dict) -> str:
@@ -37,11 +43,17 @@ def markdown(report: dict) -> str:
            f"{report['k']}", ""]
   if not report["metrics"]:
     return "\n".join(lines + ["No ground truth for these tasks."]) + "\n"
-  head = (["method"] + list(tasks) + [label for _, label in METRICS]
-          + ["s / task"])
+  vs = report.get("vs_prior", {})
+  labels = [label for _, label in METRICS]
+  if vs:
+    labels.insert(1, "wtau - prior (SE)")
+  head = ["method"] + list(tasks) + labels + ["s / task"]
   lines += ["Weighted tau (official protocol) per task, then means over "
             "tasks; s / task = the method's own compute + the forward "
-            "passes it needs (recorded per image in the store).", "",
+            "passes it needs (recorded per image in the store)."
+            + (" wtau - prior = the mean over tasks of the method's weighted "
+               "tau minus the constant prior's, with its standard error "
+               "(paired over the tasks)." if vs else ""), "",
             "| " + " | ".join(head) + " |",
             "|" + "---|" * len(head)]
   best = max(methods, key=lambda m: report["mean"][m]["weighted_tau"])
@@ -51,6 +63,8 @@ def markdown(report: dict) -> str:
     means = [f"{report['mean'][m][key]:.3f}" for key, _ in METRICS]
     if m == best:
       means[0] = f"**{means[0]}**"
+    if vs:
+      means.insert(1, difference(vs[m]))
     cells += means + [f"{report['seconds_per_task'][m]['total']:.4g}"]
     lines.append("| " + " | ".join([m] + cells) + " |")
   return "\n".join(lines) + "\n"

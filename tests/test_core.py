@@ -343,6 +343,15 @@ def test_loss_task_weights_drop_padding():
 # ---------------------------------------------------------------- metrics
 
 
+def test_paired_difference():
+  from spider_jax.metrics import paired_difference
+  d = paired_difference([0.5, 0.7, 0.9], [0.4, 0.7, 0.6])
+  np.testing.assert_allclose(d["mean"], 0.4 / 3)
+  np.testing.assert_allclose(d["se"], np.std([0.1, 0.0, 0.3], ddof=1) /
+                             np.sqrt(3))
+  assert paired_difference([0.5], [0.2]) == {"mean": 0.5 - 0.2, "se": None}
+
+
 def closed_form_weighted_tau(x, y):
   """baselines.md section 2: lexicographic rank by (x, y), hyperbolic."""
   n = len(x)

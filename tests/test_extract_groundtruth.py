@@ -590,6 +590,7 @@ def test_rank_tiny_end_to_end(tiny, tmp_path):
     assert (out / name).stat().st_size > 0, name
   md = (out / "results.md").read_text()
   assert all(f"| {m} |" in md for m in report["methods"])
+  assert "wtau - prior (SE)" in md and set(report["vs_prior"]) == expected
   # Rerun: no retraining, baselines from the cache, the same rankings.
   ckpts = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
   log_size = (tmp_path / "metrics.jsonl").stat().st_size

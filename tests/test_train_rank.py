@@ -73,9 +73,28 @@ def test_ranker_learns_the_planted_ranking(run):
                "predicted_vs_true.png"):
     assert (interrupted / "rank" / name).stat().st_size > 0
   text = rank_lib.format_report(report)
-  assert "prior" in text and "regret" in text
+  assert "prior" in text and "regret" in text and "vs prior (SE)" in text
+  # Each method's paired difference from the prior, in JSON and results.md.
+  wtau = lambda m: [report["metrics"][m][t]["weighted_tau"]
+                    for t in report["tasks"]]
+  for m in report["methods"]:
+    d = np.subtract(wtau(m), wtau("prior"))
+    np.testing.assert_allclose(report["vs_prior"][m]["mean"], d.mean())
+    np.testing.assert_allclose(report["vs_prior"][m]["se"],
+                               d.std(ddof=1) / np.sqrt(d.size))
+  assert report["vs_prior"]["prior"] == {"mean": 0.0, "se": 0.0}
+  md = (interrupted / "rank" / "results.md").read_text()
+  assert "wtau - prior (SE)" in md
+  spider = f"spider(k={report['k']})"
+  assert f"{report['vs_prior'][spider]['mean']:+.3f}" in md
   again = rank_lib.rank(cfg, interrupted)  # Reuses the checkpoint.
   assert again["scores"] == report["scores"]
+  with cfg.unlocked():                     # No prior row: no such column.
+    cfg.rank.methods = "spider,random"
+  no_prior = rank_lib.rank(cfg, interrupted)
+  assert no_prior["vs_prior"] == {}
+  assert "vs prior" not in rank_lib.format_report(no_prior)
+  assert "wtau - prior" not in (interrupted / "rank" / "results.md").read_text()
   with cfg.unlocked():
     cfg.rank.methods = "spider,logmee"
   with pytest.raises(ValueError, match="unknown method.*logmee"):
